@@ -1,0 +1,330 @@
+"""The engine: the one thread that runs MLX.
+
+gRPC handler threads submit a ``Turn`` and read its event queue; they never touch the model
+or the caches. Each turn renders the conversation, checks out the longest cached prefix from
+the store, prefills the rest, streams tokens, and checks the cache back in. A turn whose
+client went away stops within one decode step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from .conversations import ConversationRegistry, TurnPlan
+from .errors import ContextOverflowError, MlxkvError, ShuttingDownError, TurnCancelledError
+from .runtime import ModelRuntime, Sampling
+from .store import CacheStore
+
+log = logging.getLogger(__name__)
+
+
+# Events a turn emits, in order: Started, then Text*, then Finished or Failed.
+@dataclass(frozen=True)
+class Started:
+    prompt_tokens: int
+    cached_tokens: int
+    cache_source: str
+    cache_miss_reason: str
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Finished:
+    finish_reason: str  # "stop" | "length" | "stop_string"
+    text: str
+    prompt_tokens: int
+    cached_tokens: int
+    completion_tokens: int
+    time_to_first_token_s: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    total_s: float
+    queue_s: float
+    revision: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: BaseException
+
+
+@dataclass
+class Turn:
+    """One submitted assistant turn. ``conversation_id`` empty means one-shot."""
+
+    plan: TurnPlan
+    sampling: Sampling
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    one_shot: bool = False
+    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted_at: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class Counters:
+    requests: int = 0
+    requests_failed: int = 0
+    tokens_saved: int = 0
+    tokens_prefilled: int = 0
+    tokens_generated: int = 0
+
+
+class _StopStrings:
+    """Finds stop strings in streamed text and holds back what could be the start of one."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = tuple(s for s in stops if s)
+        # Text that could be the start of a stop string is held back until it cannot be.
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def cut(self, text: str) -> int | None:
+        """Index where the earliest stop string starts in ``text``, or None."""
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        return min(found) if found else None
+
+
+class Engine:
+    """Owns the model runtime and the cache store; runs turns one at a time."""
+
+    def __init__(
+        self,
+        runtime: ModelRuntime,
+        store: CacheStore,
+        registry: ConversationRegistry,
+    ):
+        self.runtime = runtime
+        self.store = store
+        self.registry = registry
+        self.counters = Counters()
+        self._queue: "queue.Queue[Turn | Callable[[], Any] | None]" = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="mlxkv-engine", daemon=True)
+        self._stopping = threading.Event()
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._current: Turn | None = None
+        self._snapshot: dict[str, Any] = {"stats": store.stats(), "tiers": {}}
+
+    # -- handler-thread side --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, turn: Turn) -> None:
+        if self._stopping.is_set():
+            raise ShuttingDownError("the daemon is shutting down")
+        with self._active_lock:
+            self._active += 1
+        self._queue.put(turn)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = 30.0) -> Any:
+        """Run ``fn`` on the engine thread (anything touching the store) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+
+        def task() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
+                future.set_exception(exc)
+
+        self._queue.put(task)
+        return future.result(timeout=timeout)
+
+    @property
+    def active_requests(self) -> int:
+        return self._active
+
+    def store_stats(self) -> dict[str, Any]:
+        """The store's statistics as of the end of the last turn or task (never blocks)."""
+        return self._snapshot["stats"]
+
+    def tier_of(self, conversation_id: str) -> str:
+        """Where a conversation's cache was at the end of the last turn or task (never blocks)."""
+        return self._snapshot["tiers"].get(conversation_id, "none")
+
+    def delete_cache(self, conversation_id: str) -> bool:
+        """Remove a conversation's cache from every tier; waits for the running turn."""
+        return bool(self.call(lambda: self.store.delete(conversation_id), timeout=600))
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new turns, let queued ones finish for ``grace_s``, cancel the rest, flush."""
+        self._stopping.set()
+        self._queue.put(None)
+        self._thread.join(grace_s)
+        if self._thread.is_alive():
+            log.warning("cancelling turns still running after %.0f s", grace_s)
+            for item in list(self._queue.queue):
+                if isinstance(item, Turn):
+                    item.cancel()
+            current = self._current
+            if current is not None:
+                current.cancel()
+            self._thread.join()
+
+    # -- engine-thread side ---------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                break
+            if isinstance(item, Turn):
+                self._current = item
+                try:
+                    self._run(item)
+                finally:
+                    self._current = None
+                    with self._active_lock:
+                        self._active -= 1
+            else:
+                item()
+            self._refresh_snapshot()
+        try:
+            flushed = self.store.flush()
+            log.info("flushed %d cache entries to disk", flushed)
+        except Exception:  # noqa: BLE001 - shutdown must go on
+            log.exception("flushing caches at shutdown failed")
+
+    def _refresh_snapshot(self) -> None:
+        keys = [r.conversation_id for r in self.registry.list()]
+        self._snapshot = {
+            "stats": self.store.stats(),
+            "tiers": {k: self.store.tier_of(k) for k in keys},
+        }
+
+    def _run(self, turn: Turn) -> None:
+        self.counters.requests += 1
+        try:
+            if turn.cancelled.is_set():
+                raise TurnCancelledError("cancelled before it started")
+            self._generate(turn)
+        except BaseException as exc:  # noqa: BLE001 - every failure goes back to the handler
+            self.counters.requests_failed += 1
+            if not isinstance(exc, MlxkvError):
+                log.exception("turn of %r failed", turn.plan.conversation_id)
+            if not turn.one_shot:
+                self.registry.abandon_turn(turn.plan)
+            turn.events.put(Failed(exc))
+
+    def _generate(self, turn: Turn) -> None:
+        rt = self.runtime
+        plan = turn.plan
+        started = time.perf_counter()
+        prompt = rt.render(plan.messages, plan.tools)
+        if len(prompt) >= rt.context_length:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens; the model's context window is "
+                f"{rt.context_length}"
+            )
+        max_tokens = min(turn.max_tokens, rt.context_length - len(prompt))
+        key = None if turn.one_shot else plan.conversation_id
+        lookup = self.store.checkout(key, prompt)
+        cache = lookup.cache if lookup.cache is not None else rt.make_cache()
+        cached = lookup.cached_tokens
+        reason = lookup.reason
+        if lookup.diverged_at is not None and reason:
+            index = rt.message_index_of_token(plan.messages, plan.tools, lookup.diverged_at)
+            reason = f"{reason} (message {index}, role {plan.messages[index].get('role')})"
+        if reason:
+            log.info("conversation %r reuses %d of its tokens: %s", key, cached, reason)
+        turn.events.put(Started(len(prompt), cached, lookup.source, reason))
+
+        generated: list[int] = []
+        pending: list[int] = []
+        text = ""
+        emitted = 0
+        finish = "length"
+        first_token_at = None
+        stops = _StopStrings(turn.stop)
+        detok = rt.tokenizer.detokenizer
+        eos = rt.eos_token_ids
+        try:
+            for token in rt.generate(prompt[cached:], cache, max_tokens=max_tokens, sampling=turn.sampling):
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                generated.append(token)
+                if turn.cancelled.is_set():
+                    raise TurnCancelledError("the client cancelled the turn")
+                if token in eos:
+                    finish = "stop"
+                    break
+                pending.append(token)
+                detok.add_token(token)
+                text += detok.last_segment
+                cut = stops.cut(text)
+                if cut is not None:
+                    text = text[:cut]
+                    finish = "stop_string"
+                    break
+                safe = len(text) - stops.hold
+                if safe > emitted:
+                    turn.events.put(Text(text[emitted:safe], tuple(pending)))
+                    emitted, pending = safe, []
+        except TurnCancelledError:
+            # The cache holds the prompt plus every token yielded so far: still usable.
+            self.store.checkin(key, prompt + generated, cache)
+            raise
+        # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
+        self.store.checkin(key, prompt + generated, cache)
+        if finish != "stop_string":
+            detok.finalize()
+            text += detok.last_segment
+        if len(text) > emitted or pending:
+            turn.events.put(Text(text[emitted:], tuple(pending)))
+
+        done_at = time.perf_counter()
+        first_token_at = first_token_at or done_at
+        prefill_s = max(first_token_at - started, 1e-9)
+        decode_s = done_at - first_token_at
+        revision = 0
+        if not turn.one_shot:
+            revision = self.registry.commit_turn(plan, {"role": "assistant", "content": text})
+        self.counters.tokens_saved += cached
+        self.counters.tokens_prefilled += len(prompt) - cached
+        self.counters.tokens_generated += len(generated)
+        finished = Finished(
+            finish_reason=finish,
+            text=text,
+            prompt_tokens=len(prompt),
+            cached_tokens=cached,
+            completion_tokens=len(generated),
+            time_to_first_token_s=first_token_at - turn.submitted_at,
+            prefill_tokens_per_s=(len(prompt) - cached) / prefill_s,
+            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
+            total_s=done_at - turn.submitted_at,
+            queue_s=started - turn.submitted_at,
+            revision=revision,
+        )
+        log.info(
+            "turn conversation=%s revision=%d prompt=%d reused=%d source=%s prefilled=%d "
+            "generated=%d finish=%s ttft=%.3fs prefill=%.0ftok/s decode=%.1ftok/s",
+            key or "-",
+            revision,
+            len(prompt),
+            cached,
+            lookup.source,
+            len(prompt) - cached,
+            len(generated),
+            finish,
+            finished.time_to_first_token_s,
+            finished.prefill_tokens_per_s,
+            finished.decode_tokens_per_s,
+        )
+        turn.events.put(finished)

@@ -1,0 +1,317 @@
+"""The gRPC servicer: validates requests, submits turns, streams events, maps errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import sys
+import time
+from typing import Any, Iterator
+
+import grpc
+
+from mlxkv.v1 import inference_pb2 as pb
+from mlxkv.v1 import inference_pb2_grpc as pb_grpc
+
+from .conversations import ConversationRecord, TurnPlan
+from .engine import Engine, Failed, Finished, Started, Text, Turn
+from .errors import ConversationNotFoundError, InvalidRequestError, MlxkvError, status_code
+from .runtime import Sampling
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+MAX_CONVERSATION_ID_BYTES = 256
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+_CACHE_SOURCES = {
+    "none": pb.CACHE_SOURCE_NONE,
+    "conversation": pb.CACHE_SOURCE_CONVERSATION,
+    "shared_prefix": pb.CACHE_SOURCE_SHARED_PREFIX,
+    "disk": pb.CACHE_SOURCE_DISK,
+}
+_FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "stop_string": pb.FINISH_REASON_STOP_STRING,
+}
+
+
+def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None:
+    if not conversation_id:
+        if allow_empty:
+            return
+        raise InvalidRequestError("conversation_id must not be empty")
+    if len(conversation_id.encode()) > MAX_CONVERSATION_ID_BYTES:
+        raise InvalidRequestError(
+            f"conversation_id is longer than {MAX_CONVERSATION_ID_BYTES} bytes"
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in conversation_id):
+        raise InvalidRequestError("conversation_id must not contain control characters or NUL")
+
+
+def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
+    if not request.messages:
+        raise InvalidRequestError("messages must not be empty")
+    out = []
+    for i, m in enumerate(request.messages):
+        if m.role not in ROLES:
+            raise InvalidRequestError(
+                f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}"
+            )
+        message: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.name:
+            message["name"] = m.name
+        if m.tool_call_id:
+            message["tool_call_id"] = m.tool_call_id
+        out.append(message)
+    return out
+
+
+def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
+    tools = []
+    for i, t in enumerate(request.tools):
+        if not t.name:
+            raise InvalidRequestError(f"tools[{i}].name must not be empty")
+        parameters: Any = {"type": "object", "properties": {}}
+        if t.parameters_json:
+            try:
+                parameters = json.loads(t.parameters_json)
+            except ValueError as exc:
+                raise InvalidRequestError(f"tools[{i}].parameters_json is not JSON: {exc}") from exc
+            if not isinstance(parameters, dict):
+                raise InvalidRequestError(f"tools[{i}].parameters_json must be a JSON object")
+        tools.append({"name": t.name, "description": t.description, "parameters": parameters})
+    return tools
+
+
+def _sampling(request: pb.GenerateRequest) -> Sampling:
+    s = request.sampling
+    if not math.isfinite(s.temperature) or s.temperature < 0:
+        raise InvalidRequestError(f"temperature must be >= 0, got {s.temperature}")
+    top_p = s.top_p if s.HasField("top_p") else 1.0
+    if not (0.0 < top_p <= 1.0):
+        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
+    if s.top_k < 0:
+        raise InvalidRequestError(f"top_k must be >= 0, got {s.top_k}")
+    if not (0.0 <= s.min_p < 1.0):
+        raise InvalidRequestError(f"min_p must be in [0, 1), got {s.min_p}")
+    seed = s.seed if s.HasField("seed") else None
+    return Sampling(s.temperature, top_p, s.top_k, s.min_p, seed)
+
+
+def _stop(request: pb.GenerateRequest) -> tuple[str, ...]:
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings")
+    for s in request.stop:
+        if not s or len(s) > MAX_STOP_STRING_CHARS:
+            raise InvalidRequestError(
+                f"stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters"
+            )
+    return tuple(request.stop)
+
+
+def _conversation_pb(record: ConversationRecord, tier: str) -> pb.Conversation:
+    return pb.Conversation(
+        conversation_id=record.conversation_id,
+        revision=record.revision,
+        messages=[
+            pb.Message(
+                role=m["role"],
+                content=m["content"],
+                name=m.get("name", ""),
+                tool_call_id=m.get("tool_call_id", ""),
+            )
+            for m in record.messages
+        ],
+        tools=[
+            pb.Tool(
+                name=t["name"],
+                description=t.get("description", ""),
+                parameters_json=json.dumps(t.get("parameters", {})),
+            )
+            for t in record.tools
+        ],
+        cache_tier=tier,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+    )
+
+
+def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.GenerateResponse:
+    if isinstance(event, Text):
+        return pb.GenerateResponse(delta=pb.Delta(text=event.text, token_ids=event.token_ids))
+    if isinstance(event, Started):
+        return pb.GenerateResponse(
+            start=pb.Start(
+                conversation_id=conversation_id,
+                prompt_tokens=event.prompt_tokens,
+                cached_tokens=event.cached_tokens,
+                cache_source=_CACHE_SOURCES.get(event.cache_source, pb.CACHE_SOURCE_UNSPECIFIED),
+                prefill_tokens=event.prompt_tokens - event.cached_tokens,
+                cache_miss_reason=event.cache_miss_reason,
+            )
+        )
+    return pb.GenerateResponse(
+        done=pb.Done(
+            finish_reason=_FINISH_REASONS[event.finish_reason],
+            usage=pb.Usage(
+                prompt_tokens=event.prompt_tokens,
+                cached_tokens=event.cached_tokens,
+                prefill_tokens=event.prompt_tokens - event.cached_tokens,
+                completion_tokens=event.completion_tokens,
+            ),
+            timings=pb.Timings(
+                time_to_first_token_s=event.time_to_first_token_s,
+                prefill_tokens_per_s=event.prefill_tokens_per_s,
+                decode_tokens_per_s=event.decode_tokens_per_s,
+                total_s=event.total_s,
+                queue_s=event.queue_s,
+            ),
+            revision=event.revision,
+            text=event.text,
+        )
+    )
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    """A thin adapter: protobuf in, engine turns and registry queries, protobuf out."""
+
+    def __init__(self, engine: Engine, *, default_max_tokens: int, socket_path: str = ""):
+        self.engine = engine
+        self.registry = engine.registry
+        self.default_max_tokens = default_max_tokens
+        self.socket_path = socket_path
+        self.started_at = time.monotonic()
+
+    def _turn(self, request: pb.GenerateRequest) -> Turn:
+        one_shot = not request.conversation_id
+        validate_conversation_id(request.conversation_id, allow_empty=True)
+        messages = _messages(request)
+        tools = _tools(request)
+        sampling = _sampling(request)
+        stop = _stop(request)
+        limit = self.engine.runtime.context_length
+        max_tokens = request.max_tokens if request.HasField("max_tokens") else self.default_max_tokens
+        if not (1 <= max_tokens <= limit):
+            raise InvalidRequestError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
+        if one_shot:
+            plan = TurnPlan("", messages, tools, 0)
+        else:
+            plan = self.registry.begin_turn(
+                request.conversation_id,
+                messages,
+                tools,
+                reset=request.reset,
+                base_revision=request.base_revision,
+            )
+        return Turn(plan, sampling, max_tokens, stop, one_shot=one_shot)
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        try:
+            turn = self._turn(request)
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        context.add_callback(turn.cancel)
+        try:
+            self.engine.submit(turn)
+        except MlxkvError as exc:
+            if not turn.one_shot:
+                self.registry.abandon_turn(turn.plan)
+            context.abort(status_code(exc), str(exc))
+        while True:
+            event = turn.events.get()
+            if isinstance(event, Failed):
+                code = status_code(event.error)
+                message = str(event.error) if code != grpc.StatusCode.INTERNAL else (
+                    f"internal error: {type(event.error).__name__}: {event.error}"
+                )
+                context.abort(code, message)
+            yield _event_pb(event, request.conversation_id)
+            if isinstance(event, Finished):
+                return
+
+    def GetConversation(self, request, context):
+        try:
+            validate_conversation_id(request.conversation_id, allow_empty=False)
+            record = self.registry.get(request.conversation_id)
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        return _conversation_pb(record, self.engine.tier_of(record.conversation_id))
+
+    def ListConversations(self, request, context):
+        return pb.ListConversationsResponse(
+            conversations=[
+                _conversation_pb(r, self.engine.tier_of(r.conversation_id))
+                for r in self.registry.list()
+            ]
+        )
+
+    def DeleteConversation(self, request, context):
+        try:
+            validate_conversation_id(request.conversation_id, allow_empty=False)
+            try:
+                self.registry.delete(request.conversation_id)
+                known = True
+            except ConversationNotFoundError:
+                known = False
+            # The caches may outlive the record (after a restart): delete them either way.
+            cached = self.engine.delete_cache(request.conversation_id)
+            if not known and not cached:
+                raise ConversationNotFoundError(f"no conversation {request.conversation_id!r}")
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        return pb.DeleteConversationResponse()
+
+    def GetStatus(self, request, context):
+        rt = self.engine.runtime
+        c = self.engine.counters
+        stats = self.engine.store_stats()
+        tiers = [
+            pb.CacheTier(
+                name=name,
+                entries=int(s.get("entries", 0)),
+                bytes=int(s.get("bytes", 0)),
+                budget_bytes=int(s.get("budget_bytes", 0)),
+                hits=int(s.get("hits", 0)),
+                misses=int(s.get("misses", 0)),
+            )
+            for name, s in stats.items()
+            if isinstance(s, dict)
+        ]
+        from . import __version__
+
+        return pb.Status(
+            version=__version__,
+            model=rt.name,
+            model_fingerprint=rt.fingerprint,
+            backend=rt.backend,
+            model_loaded=True,
+            uptime_s=time.monotonic() - self.started_at,
+            requests=c.requests,
+            requests_failed=c.requests_failed,
+            active_requests=self.engine.active_requests,
+            tokens_saved=c.tokens_saved,
+            tokens_prefilled=c.tokens_prefilled,
+            tokens_generated=c.tokens_generated,
+            cache_tiers=tiers,
+            conversations=len(self.registry),
+            rss_bytes=rss_bytes(),
+            socket=self.socket_path,
+            context_length=rt.context_length,
+            weights_dtype=rt.weights_dtype,
+        )
