@@ -101,10 +101,11 @@ def test_sigterm_removes_the_socket_and_exits_zero(make_daemon):
 
 
 def test_client_works_without_mlx(shared_daemon, tmp_path):
-    """The base install: grpcio, protobuf, platformdirs and mlxkv, and no MLX anywhere."""
+    """The base install (grpcio, protobuf, platformdirs and mlxkv) with no MLX anywhere."""
     import google.protobuf
     import grpc as grpc_pkg
     import platformdirs
+    import typing_extensions
 
     import mlxkv
 
@@ -114,6 +115,8 @@ def test_client_works_without_mlx(shared_daemon, tmp_path):
     (site / "google" / "protobuf").symlink_to(Path(google.protobuf.__file__).parent)
     for module in (grpc_pkg, platformdirs, mlxkv):
         (site / module.__name__).symlink_to(Path(module.__file__).parent)
+    # grpcio's own dependency, a single module.
+    (site / "typing_extensions.py").symlink_to(typing_extensions.__file__)
     code = textwrap.dedent(
         f"""
         import importlib.util, sys
@@ -126,7 +129,7 @@ def test_client_works_without_mlx(shared_daemon, tmp_path):
         assert "mlx" not in sys.modules and "mlx_lm" not in sys.modules
         """
     )
-    # -S: no site-packages at all; only the four packages linked above are importable.
+    # -S: no site-packages at all; only the packages linked above are importable.
     result = subprocess.run(
         [sys.executable, "-S", "-c", code],
         env={"PYTHONPATH": str(site), "PATH": os.environ.get("PATH", "")},

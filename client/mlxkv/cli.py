@@ -1,0 +1,421 @@
+"""The ``mlxkv`` command: chat, ask, status and conversation management against the daemon."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import platformdirs
+from google.protobuf import json_format
+
+from mlxkv.client import Client, Conversation, DaemonUnavailableError, MlxkvError, NotFoundError, Turn
+
+EXIT_ERROR = 1
+EXIT_UNAVAILABLE = 2
+EXIT_INTERRUPTED = 130
+
+CACHE_SOURCE_LABELS = {
+    "none": "no cache",
+    "conversation": "from conversation",
+    "shared_prefix": "from shared prefix",
+    "disk": "from disk",
+}
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- transcripts kept across invocations ----------------------------------------------------
+
+
+class ConversationStore:
+    """Transcripts of named conversations as JSON files, so that ``mlxkv ask --conversation``
+    continues across invocations and survives a daemon restart. File names are hashes of the
+    ids: an id is user input and never becomes a path."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    @classmethod
+    def default(cls) -> ConversationStore:
+        """The store under the user's data directory."""
+        return cls(Path(platformdirs.user_data_dir("mlxkv", appauthor=False)) / "conversations")
+
+    def path_for(self, conversation_id: str) -> Path:
+        """The file of a conversation id."""
+        digest = hashlib.sha256(conversation_id.encode("utf-8")).hexdigest()[:32]
+        return self.directory / f"{digest}.json"
+
+    def load(self, client: Client, conversation_id: str) -> Conversation | None:
+        """The saved conversation, or None if there is none."""
+        path = self.path_for(conversation_id)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read the transcript of {conversation_id!r} ({path}): {exc}") from None
+        if data.get("conversation_id") != conversation_id:
+            raise CliError(f"{path} holds another conversation ({data.get('conversation_id')!r})")
+        return Conversation.from_dict(client, data)
+
+    def save(self, conversation: Conversation) -> Path:
+        """Write atomically: a crash mid-write leaves the previous transcript intact."""
+        path = self.path_for(conversation.conversation_id)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(conversation.to_dict(), f, ensure_ascii=False, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return path
+
+    def remove(self, conversation_id: str) -> bool:
+        """Delete a saved transcript; True if there was one."""
+        try:
+            self.path_for(conversation_id).unlink()
+        except FileNotFoundError:
+            return False
+        return True
+
+
+# --- formatting -----------------------------------------------------------------------------
+
+
+def format_bytes(n: int | float) -> str:
+    """1536 -> '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h 2m 5s'."""
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{days}d"] if days else []
+    if days or hours:
+        parts.append(f"{hours}h")
+    if days or hours or minutes:
+        parts.append(f"{minutes}m")
+    parts.append(f"{s}s")
+    return " ".join(parts)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned text columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    return "\n".join(lines)
+
+
+def format_stats(turn: Turn) -> str:
+    """The per-turn line of ``--stats``."""
+    parts = [
+        f"cached {turn.cached_tokens}",
+        f"prefilled {turn.prefill_tokens}",
+        f"ttft {turn.time_to_first_token_s:.2f}s",
+        f"{turn.decode_tokens_per_s:.1f} tok/s",
+        CACHE_SOURCE_LABELS.get(turn.cache_source, turn.cache_source),
+    ]
+    if turn.resent:
+        parts.append("transcript re-sent")
+    if turn.cache_miss_reason:
+        parts.append(turn.cache_miss_reason)
+    return "[" + " · ".join(parts) + "]"
+
+
+def format_status(status: Any) -> str:
+    """The ``mlxkv status`` report: a summary table, then one row per cache tier."""
+    summary = [
+        ("model", status.model + ("" if status.model_loaded else " (not loaded)")),
+        ("backend", status.backend),
+        ("weights dtype", status.weights_dtype or "-"),
+        ("context length", status.context_length or "-"),
+        ("version", status.version or "-"),
+        ("socket", status.socket or "-"),
+        ("uptime", format_duration(status.uptime_s)),
+        ("requests", f"{status.requests} ({status.requests_failed} failed, {status.active_requests} active)"),
+        ("conversations", status.conversations),
+        ("tokens saved", status.tokens_saved),
+        ("tokens prefilled", status.tokens_prefilled),
+        ("tokens generated", status.tokens_generated),
+        ("rss", format_bytes(status.rss_bytes)),
+    ]
+    width = max(len(k) for k, _ in summary)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in summary]
+    if status.cache_tiers:
+        rows = []
+        for tier in status.cache_tiers:
+            lookups = tier.hits + tier.misses
+            rate = f"{100 * tier.hits / lookups:.1f}%" if lookups else "-"
+            budget = format_bytes(tier.budget_bytes) if tier.budget_bytes else "-"
+            rows.append((tier.name, tier.entries, format_bytes(tier.bytes), budget, tier.hits, tier.misses, rate))
+        lines += ["", format_table(("tier", "entries", "bytes", "budget", "hits", "misses", "hit rate"), rows)]
+    return "\n".join(lines)
+
+
+def format_conversations(conversations: Sequence[Any]) -> str:
+    """The ``mlxkv conversations ls`` table."""
+    rows = [
+        (
+            c.conversation_id,
+            c.revision,
+            c.tokens,
+            c.cache_tier or "-",
+            format_bytes(c.cache_bytes),
+            dt.datetime.fromtimestamp(c.updated_at).strftime("%Y-%m-%d %H:%M:%S") if c.updated_at else "-",
+        )
+        for c in conversations
+    ]
+    return format_table(("id", "revision", "tokens", "tier", "bytes", "updated"), rows)
+
+
+# --- commands -------------------------------------------------------------------------------
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+
+
+def _stream_turn(conv: Conversation, text: str, args: argparse.Namespace, out: TextIO) -> Turn:
+    def restart() -> None:
+        out.write("\n")
+        print("mlxkv: the daemon restarted mid-answer; answering again", file=sys.stderr)
+
+    turn = conv.send(text, on_text=lambda t: (out.write(t), out.flush()), on_restart=restart, **_sampling(args))
+    out.write("\n")
+    out.flush()
+    if args.stats:
+        print(format_stats(turn), file=sys.stderr)
+    return turn
+
+
+def _open_conversation(client: Client, store: ConversationStore | None, args: argparse.Namespace) -> Conversation:
+    conv = store.load(client, args.conversation) if store is not None and args.conversation else None
+    if conv is None:
+        return client.conversation(args.conversation or None, system=args.system)
+    if args.system is not None and _system_of(conv) != args.system:
+        # A new system prompt is an edit of the first message: re-send everything.
+        rest = conv.messages[1:] if _system_of(conv) is not None else conv.messages
+        conv.reset([{"role": "system", "content": args.system}, *rest])
+    return conv
+
+
+def _system_of(conv: Conversation) -> str | None:
+    if conv.messages and conv.messages[0]["role"] == "system":
+        return conv.messages[0]["content"]
+    return None
+
+
+def cmd_ask(client: Client, args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise CliError("nothing to ask: the text is empty")
+    if not args.conversation:
+        conv = client.conversation("", system=args.system)
+        _stream_turn(conv, text, args, sys.stdout)
+        return 0
+    store = ConversationStore.default()
+    conv = _open_conversation(client, store, args)
+    _stream_turn(conv, text, args, sys.stdout)
+    store.save(conv)
+    return 0
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next user line, or None at EOF."""
+    if interactive:
+        try:
+            return input("> ")
+        except EOFError:
+            return None
+    line = sys.stdin.readline()
+    return line.rstrip("\n") if line else None
+
+
+def cmd_chat(client: Client, args: argparse.Namespace) -> int:
+    store = ConversationStore.default() if args.conversation else None
+    conv = _open_conversation(client, store, args)
+    initial = [m for m in conv.messages[:1] if m["role"] == "system"]
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        turns = sum(1 for m in conv.messages if m["role"] == "assistant")
+        resumed = f", {turns} turns so far" if turns else ""
+        print(f"conversation {conv.conversation_id}{resumed}; /reset clears it, /exit quits", file=sys.stderr)
+    while True:
+        try:
+            line = _read_line(interactive)
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        if line is None or line.strip() in ("/exit", "/quit"):
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            conv.reset(initial)
+            if store is not None:
+                store.save(conv)
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        try:
+            _stream_turn(conv, line, args, sys.stdout)
+        except KeyboardInterrupt:
+            # Closing the stream cancels the daemon's generation; nothing was committed.
+            print("\n(cancelled)", file=sys.stderr)
+            continue
+        if store is not None:
+            store.save(conv)
+
+
+def cmd_status(client: Client, args: argparse.Namespace) -> int:
+    status = client.status()
+    if args.json:
+        print(json_format.MessageToJson(status, always_print_fields_with_no_presence=True))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def cmd_conversations_ls(client: Client, args: argparse.Namespace) -> int:
+    conversations = client.list_conversations()
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(c) for c in conversations], indent=2))
+    elif conversations:
+        print(format_conversations(conversations))
+    else:
+        print("no conversations", file=sys.stderr)
+    return 0
+
+
+def cmd_conversations_rm(client: Client, args: argparse.Namespace) -> int:
+    store = ConversationStore.default()
+    code = 0
+    for conversation_id in args.ids:
+        try:
+            client.delete_conversation(conversation_id)
+            on_daemon = True
+        except NotFoundError:
+            on_daemon = False
+        # The saved transcript goes too: otherwise the next `ask --conversation` resurrects it.
+        saved = store.remove(conversation_id)
+        if not (on_daemon or saved):
+            print(f"mlxkv: error: no conversation {conversation_id}", file=sys.stderr)
+            code = EXIT_ERROR
+    return code
+
+
+# --- argument parsing -----------------------------------------------------------------------
+
+
+def _add_turn_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--conversation", "-c", metavar="ID",
+                        help="a named conversation, continued across invocations")
+    parser.add_argument("--system", "-s", metavar="TEXT", help="the system prompt")
+    parser.add_argument("--stats", action="store_true", help="print cache and speed stats per turn to stderr")
+    parser.add_argument("--max-tokens", type=int, metavar="N", help="the answer's token limit")
+    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy)")
+    parser.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlxkv`` argument parser."""
+    # Global options are accepted before and after the subcommand.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--socket", metavar="PATH", default=argparse.SUPPRESS,
+                        help="the daemon's socket (default: $MLXKV_SOCKET or the per-user default)")
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
+                        help="log the client's protocol decisions to stderr")
+
+    parser = argparse.ArgumentParser(prog="mlxkv", parents=[common],
+                                     description="Talk to the mlxkv inference daemon.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    chat = sub.add_parser("chat", parents=[common], help="an interactive multi-turn chat")
+    _add_turn_options(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    ask = sub.add_parser("ask", parents=[common], help="one turn; `-` reads the text from stdin")
+    ask.add_argument("text", metavar="TEXT")
+    _add_turn_options(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    status = sub.add_parser("status", parents=[common], help="the daemon's model, memory and caches")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=cmd_status)
+
+    convs = sub.add_parser("conversations", aliases=["conv"], parents=[common],
+                           help="list or delete the daemon's conversations")
+    convs_sub = convs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ls = convs_sub.add_parser("ls", parents=[common], help="list conversations")
+    ls.add_argument("--json", action="store_true", help="print them as JSON")
+    ls.set_defaults(func=cmd_conversations_ls)
+    rm = convs_sub.add_parser("rm", parents=[common], help="delete conversations (and their saved transcripts)")
+    rm.add_argument("ids", nargs="+", metavar="ID")
+    rm.set_defaults(func=cmd_conversations_rm)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mlxkv`` command; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="mlxkv: %(levelname)s %(name)s: %(message)s")
+    func: Callable[[Client, argparse.Namespace], int] = args.func
+    try:
+        with Client(getattr(args, "socket", None)) as client:
+            return func(client, args)
+    except DaemonUnavailableError as err:
+        return _fail(str(err), EXIT_UNAVAILABLE)
+    except NotFoundError as err:
+        return _fail(err.details, EXIT_ERROR)
+    except MlxkvError as err:
+        return _fail(f"{err.details} ({err.code.name})", EXIT_ERROR)
+    except CliError as err:
+        return _fail(str(err), err.code)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `mlxkv ask ... | head`: the reader left; not an error worth a message.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit-time flush
+        return EXIT_ERROR
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"mlxkv: error: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
