@@ -182,7 +182,7 @@ class Engine:
 
     def _loop(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._next_item()
             if item is None:
                 break
             if isinstance(item, Turn):
@@ -201,6 +201,23 @@ class Engine:
             log.info("flushed %d cache entries to disk", flushed)
         except Exception:  # noqa: BLE001 - shutdown must go on
             log.exception("flushing caches at shutdown failed")
+
+    def _next_item(self) -> "Turn | Callable[[], Any] | None":
+        """The next queued item; while there is none, write caches behind to the disk tier."""
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            try:
+                wrote = self.store.persist_next()
+            except Exception:  # noqa: BLE001 - the disk tier must never stop the engine
+                log.exception("writing a cache to the disk tier failed")
+                wrote = False
+            if wrote:
+                self._refresh_snapshot()
+            else:
+                return self._queue.get()
 
     def _refresh_snapshot(self) -> None:
         keys = [r.conversation_id for r in self.registry.list()]
@@ -282,7 +299,6 @@ class Engine:
             self.store.checkin(key, prompt + generated, cache)
             raise
         # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
-        self.store.checkin(key, prompt + generated, cache)
         if finish != "stop_string":
             detok.finalize()
             text += detok.last_segment
@@ -328,3 +344,5 @@ class Engine:
             finished.decode_tokens_per_s,
         )
         turn.events.put(finished)
+        # After the reply is out: an eviction this causes may write to disk.
+        self.store.checkin(key, prompt + generated, cache)

@@ -6,9 +6,13 @@ owns MLX, and everything that touches a cache object goes through an adapter (``
 
 Rules, in one place:
 
-- One owner. ``checkout`` REMOVES a conversation's own entry from the store and hands the cache
-  object to the engine without copying; the engine ``checkin``s it after the turn. A key lives in
-  at most one tier at a time (memory or disk).
+- One owner. ``checkout`` REMOVES a conversation's own entry from the memory tier and hands the
+  cache object to the engine without copying; the engine ``checkin``s it after the turn.
+- Write-behind. ``persist_next`` (called by the engine when it is idle, off the path of any turn)
+  writes the newest memory entry not yet on disk to the disk tier and keeps it resident, so a
+  daemon killed with SIGKILL between turns still finds every conversation's history on disk. A
+  key's disk file is only replaced by a newer one, never removed by a checkout or checkin: until
+  it is replaced it holds an older, still valid prefix of the conversation.
 - ``checkout`` looks for the key's own entry in memory, then on disk, then for the longest shared
   prefix with any other entry (copied, never handed over), and trims what it hands out so that the
   cache holds exactly ``tokens[:cached_tokens]``, with at least one token left to prefill.
@@ -91,6 +95,8 @@ class _Entry:
     cache: Any
     nbytes: int
     last_used: float
+    persisted: bool = False  # the disk tier holds these exact tokens for this key
+    write_attempted: bool = False
 
 
 @dataclass
@@ -241,7 +247,9 @@ class CacheStore:
         self._expire_if_due()
         if key is None:
             key = self._anonymous_key(tokens)
-        self._remove(key)
+        # The key's disk file (if any) stays until persist_next replaces it: a crash before
+        # then still leaves a valid prefix of this conversation on disk.
+        self._pop_memory(key)
         self._gone.pop(key, None)
         if not tokens:
             return
@@ -275,19 +283,42 @@ class CacheStore:
         return "none"
 
     def keys(self) -> list[str]:
-        """Conversation keys stored in either tier, most recently used first within a tier."""
-        return [k for k in [*self._mem.keys(), *self._disk.keys()] if not _is_anonymous(k)]
+        """Conversation keys stored in either tier (each once), most recently used first within
+        a tier, memory first."""
+        keys = dict.fromkeys([*self._mem.keys(), *self._disk.keys()])  # a key can be in both
+        return [k for k in keys if not _is_anonymous(k)]
+
+    def persist_next(self) -> bool:
+        """Write the most recently used memory entry that is not on disk yet, keeping it
+        resident. False when there is nothing to write (or no disk tier)."""
+        return self._persist_one() is not None
 
     def flush(self) -> int:
-        """Move every conversation in memory to the disk tier (at shutdown). Returns how many
-        were written; without a disk tier, nothing is written and memory is left as it is."""
-        if self._disk_dir is None:
-            return 0
+        """Write every memory entry not on disk yet to the disk tier (at shutdown). Returns how
+        many were written (failed writes are not counted); without a disk tier, nothing is
+        written."""
         written = 0
-        for key, entry in reversed(list(self._mem.items())):  # oldest first: newest ends MRU
-            self._pop_memory(key)
-            written += self._evict(key, entry)
+        while (ok := self._persist_one()) is not None:
+            written += ok
         return written
+
+    def _persist_one(self) -> bool | None:
+        """One step of ``persist_next``: None if there was nothing to write, else whether the
+        write succeeded."""
+        if self._disk_dir is None:
+            return None
+        # Least recently used first, so that the disk tier's LRU order (a write makes a file the
+        # most recent) ends up matching memory's, and its budget evicts the oldest conversation.
+        # items() is most recent first and does not touch the order.
+        for key, entry in reversed(self._mem.items()):
+            if entry.write_attempted or _is_anonymous(key):
+                continue
+            # A failed write (disk full, too large for the budget) is not retried on every
+            # idle moment; the next checkin of the key makes it a candidate again.
+            entry.write_attempted = True
+            entry.persisted = self._write_disk(key, entry)
+            return entry.persisted
+        return None
 
     def clear(self) -> None:
         """Drop everything in memory (the model was switched)."""
@@ -352,10 +383,11 @@ class CacheStore:
             dentry = self._disk.get(key)
             if dentry is None:
                 return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
+            # A fresh object read from the file: the file stays, a valid prefix until replaced.
             cache = self._load_disk(key, dentry)
-            self._pop_disk(key)  # one owner: the file goes with the handover
             if cache is None:
                 return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
+            dentry.last_used = self._clock()
             entry, source, tier = _Entry(dentry.tokens, cache, 0, 0.0), "disk", "disk"
         if not tokens:
             return Lookup(None, 0, "none", f"request ends at token 0 of {len(entry.tokens)}", 0)
@@ -372,7 +404,7 @@ class CacheStore:
         candidates = []
         for tier, table in (("memory", self._mem), ("disk", self._disk)):
             for key, entry in table.items():
-                if key == exclude:
+                if key == exclude or (tier == "disk" and key in self._mem):
                     continue
                 trimmable = (
                     self._ops.can_trim(entry.cache) if tier == "memory" else entry.trimmable
@@ -450,6 +482,8 @@ class CacheStore:
         True if it went to disk. One-shot entries are never written."""
         if _is_anonymous(key):
             return False
+        if entry.persisted and key in self._disk:
+            return True
         if self._disk_dir is not None and self._write_disk(key, entry):
             return True
         self._gone[key] = "evicted"
