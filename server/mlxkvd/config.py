@@ -1,8 +1,12 @@
 """The daemon's configuration: declared once, filled from flags, environment and a TOML file.
 
 Precedence, highest first: command-line flag, ``MLXKV_*`` environment variable, the config
-file (``--config`` or ``<user config dir>/mlxkv/mlxkvd.toml``), the default. ``Config`` is
+file (``--config``, else ``$MLXKV_CONFIG``, else ``<user config dir>/mlxkv/mlxkvd.toml``; the
+rule lives in ``mlxkv.paths`` so that clients find the same file), the default. ``Config`` is
 frozen; every module receives the plain values it needs, never the argparse namespace.
+
+Some settings can change while the daemon runs (``reload=True``: SIGHUP re-reads the file);
+the others need a restart.
 """
 
 from __future__ import annotations
@@ -12,21 +16,32 @@ import dataclasses
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import platformdirs
 
-from mlxkv.paths import APP_NAME, SOCKET_ENV, resolve_socket_path
+from mlxkv.paths import APP_NAME, CONFIG_ENV, SOCKET_ENV, anchor, config_file, default_socket_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _not_bool(value: Any) -> Any:
+    # TOML booleans are Python bools, and bool is an int: `kv_bits = true` must not mean 1.
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
 
 
 def parse_size(text: str | int) -> int:
     """``"2GiB"`` -> 2147483648; ``"500M"`` -> 500000000; plain integers are bytes."""
-    if isinstance(text, int):
+    if isinstance(_not_bool(text), int):
+        if text < 0:
+            raise ValueError(f"a size must be >= 0, got {text}")
         return text
     m = _SIZE.match(str(text))
     if not m:
@@ -40,44 +55,73 @@ def parse_size(text: str | int) -> int:
 
 
 def _path(value: Any) -> Path:
-    return Path(str(value)).expanduser()
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a path, got {value!r}")
+    return Path(value).expanduser()
 
 
 def _optional_path(value: Any) -> Path | None:
     return _path(value) if value not in (None, "") else None
 
 
+def _int(value: Any) -> int:
+    _not_bool(value)
+    if isinstance(value, float) and not value.is_integer():
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
 def _kv_bits(value: Any) -> int:
-    bits = int(value)
+    bits = _int(value)
     if bits not in (0, 4, 8):
-        raise ValueError("kv-bits must be 0 (full precision), 4 or 8")
+        raise ValueError(f"kv-bits must be 0 (full precision), 4 or 8, got {value!r}")
     return bits
 
 
 def _positive_int(value: Any) -> int:
-    n = int(value)
+    n = _int(value)
     if n <= 0:
         raise ValueError(f"must be a positive integer, got {value!r}")
     return n
 
 
 def _non_negative_float(value: Any) -> float:
-    x = float(value)
-    if x < 0:
+    try:
+        x = float(_not_bool(value))
+    except ValueError:
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not x >= 0:  # NaN too
         raise ValueError(f"must be >= 0, got {value!r}")
     return x
 
 
-def _setting(help: str, parse: Callable[[Any], Any], default: Any = None, metavar: str = ""):
-    return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
+def _log_level(value: Any) -> str:
+    level = str(value).upper()
+    if level not in _LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(_LEVELS)}, got {value!r}")
+    return level
+
+
+def _setting(
+    help: str,
+    parse: Callable[[Any], Any],
+    default: Any = None,
+    metavar: str = "",
+    *,
+    reload: bool = False,
+    default_factory: Callable[[], Any] | None = None,
+):
+    metadata = {"help": help, "parse": parse, "metavar": metavar, "reload": reload}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def default_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False))
-
-
-def default_config_file() -> Path:
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / "mlxkvd.toml"
 
 
 @dataclass(frozen=True)
@@ -85,7 +129,7 @@ class Config:
     """Everything the daemon can be told. Each field is a flag, an env var and a TOML key."""
 
     socket: Path | None = _setting(
-        f"Unix socket path (default: per-user runtime dir; env {SOCKET_ENV})",
+        "Unix socket path (default: the per-user runtime directory)",
         _optional_path,
         metavar="PATH",
     )
@@ -97,47 +141,76 @@ class Config:
     cache_dir: Path = _setting(
         "directory for the converted default model and the disk KV tier",
         _path,
-        default_cache_dir(),
-        "DIR",
+        metavar="DIR",
+        default_factory=default_cache_dir,
     )
     max_cache_bytes: int = _setting(
-        "memory budget for resident KV caches (e.g. 2GiB)", parse_size, 2 * 1024**3, "SIZE"
+        "memory budget for resident KV caches (e.g. 2GiB)",
+        parse_size,
+        2 * 1024**3,
+        "SIZE",
+        reload=True,
     )
     max_disk_bytes: int = _setting(
         "budget of the disk KV tier (0 disables it)", parse_size, 20 * 1024**3, "SIZE"
     )
     kv_bits: int = _setting("quantize KV caches to 4 or 8 bits (0: full precision)", _kv_bits, 0, "N")
     default_max_tokens: int = _setting(
-        "max tokens per turn when a request does not say", _positive_int, 512, "N"
+        "max tokens per turn when a request does not say", _positive_int, 512, "N", reload=True
     )
     cache_ttl_s: float = _setting(
-        "drop caches idle longer than this many seconds (0: never)", _non_negative_float, 0.0, "S"
+        "drop caches idle longer than this many seconds (0: never)",
+        _non_negative_float,
+        0.0,
+        "S",
+        reload=True,
     )
     max_message_bytes: int = _setting(
         "largest gRPC request accepted", parse_size, 16 * 1024**2, "SIZE"
     )
-    log_level: str = _setting("logging level", lambda v: str(v).upper(), "INFO", "LEVEL")
+    shutdown_grace_s: float = _setting(
+        "on SIGTERM, how long running turns may go on before they are cancelled",
+        _non_negative_float,
+        10.0,
+        "S",
+    )
+    log_level: str = _setting(
+        "logging level: DEBUG, INFO, WARNING or ERROR", _log_level, "INFO", "LEVEL", reload=True
+    )
 
     def socket_path(self) -> Path:
-        return resolve_socket_path(self.socket)
+        """The socket to listen on; flag, env and file were already applied to ``socket``."""
+        return self.socket or default_socket_path()
 
     def disk_dir(self) -> Path:
         return self.cache_dir / "kv"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+RELOADABLE = frozenset(name for name, f in FIELDS.items() if f.metadata["reload"])
+_PATH_PARSERS = (_path, _optional_path)
 
 
 def env_name(name: str) -> str:
     return SOCKET_ENV if name == "socket" else f"MLXKV_{name.upper()}"
 
 
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per Config field; unset flags stay None so other sources can fill them."""
-    parser.add_argument("--config", type=Path, default=None, help="TOML config file")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help=f"TOML config file (default: $MLXKV_CONFIG, else {config_file({})})",
+    )
     for name, f in FIELDS.items():
         parser.add_argument(
-            "--" + name.replace("_", "-"),
+            flag_name(name),
             dest=name,
             default=None,
             metavar=f.metadata["metavar"] or None,
@@ -145,30 +218,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings of a TOML file; ValueError naming the file for anything wrong with it."""
+    try:
+        with path.open("rb") as fh:
+            values = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read config file {path}: {exc.strerror or exc}") from None
+    unknown = set(values) - set(FIELDS)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown settings {', '.join(sorted(unknown))} "
+            f"(known: {', '.join(FIELDS)})"
+        )
+    return {
+        # Relative paths in the file are relative to the file, not to the working directory.
+        name: anchor(raw, path) if FIELDS[name].metadata["parse"] in _PATH_PARSERS
+        and isinstance(raw, str) and raw else raw
+        for name, raw in values.items()
+    }
+
+
 def load_config(
     args: argparse.Namespace | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> tuple[Config, dict[str, str]]:
-    """Build the Config and, for each field, where its value came from."""
+    """Build the Config and, for each field, where its value came from.
+
+    Raises ValueError whose message names the setting and its source.
+    """
     environ = os.environ if environ is None else environ
     flags = vars(args) if args is not None else {}
-    file = flags.get("config") or environ.get("MLXKV_CONFIG")
-    file_path = _path(file) if file else default_config_file()
-    file_values: dict[str, Any] = {}
-    if file_path.is_file():
-        with file_path.open("rb") as fh:
-            file_values = tomllib.load(fh)
-        unknown = set(file_values) - set(FIELDS)
-        if unknown:
-            raise ValueError(f"{file_path}: unknown settings {', '.join(sorted(unknown))}")
-    elif file:
-        raise ValueError(f"config file {file_path} does not exist")
+    file_path = flags.get("config")
+    if file_path is not None:
+        file_path = Path(file_path).expanduser()
+        if not file_path.is_file():
+            raise ValueError(f"config file {file_path} (from --config) does not exist")
+    else:
+        file_path = config_file(environ)
+        if file_path is not None and environ.get(CONFIG_ENV) and not file_path.is_file():
+            raise ValueError(f"config file {file_path} (from ${CONFIG_ENV}) does not exist")
+    file_values = read_config_file(file_path) if file_path is not None and file_path.is_file() else {}
 
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, f in FIELDS.items():
         for source, raw in (
-            ("flag", flags.get(name)),
+            (f"flag {flag_name(name)}", flags.get(name)),
             (f"env {env_name(name)}", environ.get(env_name(name))),
             (f"file {file_path}", file_values.get(name)),
         ):
@@ -176,9 +274,27 @@ def load_config(
                 try:
                     values[name] = f.metadata["parse"](raw)
                 except (TypeError, ValueError) as exc:
-                    raise ValueError(f"{name} from {source}: {exc}") from exc
+                    raise ValueError(f"{name} from {source}: {exc}") from None
                 sources[name] = source
                 break
         else:
             sources[name] = "default"
     return Config(**values), sources
+
+
+def config_file_in_use(args: argparse.Namespace | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file ``load_config`` reads for these flags, or None (whether it exists or not)."""
+    flags = vars(args) if args is not None else {}
+    if flags.get("config") is not None:
+        return Path(flags["config"]).expanduser()
+    return config_file(os.environ if environ is None else environ)
+
+
+def changed_settings(old: Config, new: Config) -> dict[str, tuple[Any, Any]]:
+    """``{name: (old, new)}`` for every setting whose value differs."""
+    return {
+        name: (getattr(old, name), getattr(new, name))
+        for name in FIELDS
+        if getattr(old, name) != getattr(new, name)
+    }
+

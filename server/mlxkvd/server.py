@@ -25,8 +25,9 @@ def create_server(
     default_max_tokens: int = 512,
     max_message_bytes: int = 16 * 1024 * 1024,
     max_workers: int = 32,
-) -> tuple[grpc.Server, health.HealthServicer]:
-    """A started-ready (not yet started) server bound to ``unix://socket_path``, mode 0600."""
+) -> tuple[grpc.Server, health.HealthServicer, InferenceService]:
+    """A server (not yet started) bound to ``unix://socket_path``, mode 0600, with its health
+    servicer and the Inference servicer (whose defaults SIGHUP may change)."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mlxkv-rpc"),
         options=[
@@ -34,10 +35,10 @@ def create_server(
             ("grpc.max_send_message_length", max_message_bytes),
         ],
     )
-    inference_pb2_grpc.add_InferenceServicer_to_server(
-        InferenceService(engine, default_max_tokens=default_max_tokens, socket_path=str(socket_path)),
-        server,
+    service = InferenceService(
+        engine, default_max_tokens=default_max_tokens, socket_path=str(socket_path)
     )
+    inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -51,4 +52,4 @@ def create_server(
         server.add_insecure_port(f"unix://{socket_path}")
     finally:
         os.umask(old)
-    return server, health_servicer
+    return server, health_servicer, service

@@ -26,7 +26,13 @@ def check_length(path: Path) -> None:
 
 def prepare_directory(directory: Path) -> None:
     """Create the socket's directory with mode 0700, or tighten an existing one we own."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The parents too, whatever the umask: a world-writable parent would let another user
+    # swap the socket's directory for one of theirs.
+    old = os.umask(0o077)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    finally:
+        os.umask(old)
     st = directory.stat()
     if st.st_uid != os.getuid():
         raise SocketError(f"{directory} belongs to another user; refusing to put a socket there")
@@ -64,6 +70,7 @@ def claim(path: Path) -> None:
 
 
 def release(path: Path) -> None:
+    """Remove the socket at shutdown (a missing one is fine)."""
     try:
         os.unlink(path)
     except FileNotFoundError:

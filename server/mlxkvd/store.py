@@ -347,6 +347,10 @@ class CacheStore:
             log.info("expired %d cache entries unused for %.0f s", count, self._ttl_s)
         return count
 
+    def set_ttl(self, ttl_s: float | None) -> None:
+        """Change the idle lifetime of caches (None: forever)."""
+        self._ttl_s = ttl_s
+
     def set_memory_budget(self, max_bytes: int) -> None:
         """Change the memory budget, evicting at once if it shrank (e.g. memory pressure)."""
         self._max_bytes = max_bytes
