@@ -1,0 +1,613 @@
+"""Shared pieces of the benchmarks: processes, models, workloads, measurements and reports.
+
+Every system a benchmark compares runs the same weights (SmolLM2-135M-Instruct dequantized
+to float32) with the same BLAS (OpenBLAS preloaded, see ``mlxkvd.blas``): the benchmark
+process re-executes itself with the preload before importing MLX, and every server it starts
+inherits that environment.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "bench" / "results"
+# The converted default model, its float32 copy and the BLAS shim live here, reused by runs.
+MODEL_CACHE_DIR = RESULTS_DIR / "cache"
+
+
+# --- environment ------------------------------------------------------------------------------
+
+
+def ensure_blas() -> None:
+    """Re-exec this process with OpenBLAS preloaded (Linux), before MLX is imported."""
+    from mlxkvd import blas
+
+    MODEL_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    blas.ensure_preloaded(MODEL_CACHE_DIR)
+
+
+def blas_preloaded() -> bool:
+    from mlxkvd import blas
+
+    return blas.is_preloaded()
+
+
+def child_env() -> dict[str, str]:
+    """The environment for a server process: this one's BLAS preload, no stray mlxkvd config."""
+    from mlxkvd import blas
+
+    env = blas.preload_env(MODEL_CACHE_DIR) or dict(os.environ)
+    for key in list(env):
+        if key.startswith("MLXKV_") and key != "MLXKV_BLAS_PRELOADED":
+            del env[key]
+    env["MLXKV_CONFIG"] = ""
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def short_socket_dir() -> Path:
+    """A short directory for Unix sockets (sun_path is limited to 104-108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="mlxkv-bench-"))
+
+
+# --- models -----------------------------------------------------------------------------------
+
+
+def model_dirs() -> tuple[Path, Path]:
+    """(the daemon's default model dir, a float32 copy of it for mlx-lm and mlx_lm.server)."""
+    from mlxkvd.convert import ensure_default_model
+
+    default = ensure_default_model(MODEL_CACHE_DIR)
+    f32 = default.parent / f"{default.name}-float32"
+    if not (f32 / "config.json").is_file():
+        _write_float32_model(default, f32)
+    return default, f32
+
+
+def _write_float32_model(src: Path, dst: Path) -> None:
+    """The daemon's CPU weights (dequantized, float32) as a plain mlx-lm model directory."""
+    import shutil
+
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model, save_model
+
+    model, tokenizer, config = load(str(src), return_config=True)
+    dequantize_model(model)
+    model.set_dtype(mx.float32)
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(tmp, model, donate_model=True)
+    for path in src.iterdir():
+        if path.suffix in (".json", ".jinja") and path.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy(path, tmp / path.name)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+
+
+@dataclass
+class Generation:
+    """One in-process generation, timed like a client would time a server."""
+
+    text: str
+    tokens: list[int]
+    ttft_s: float
+    total_s: float
+    decode_tps: float  # (tokens - 1) / (end - first token), as measured for the servers
+    mlx_generation_tps: float  # mlx-lm's own figure
+
+
+class InProcess:
+    """mlx-lm in this process: float32 weights, the reference for every other system."""
+
+    def __init__(self, model_dir: Path):
+        import mlx.core as mx
+        from mlx_lm import load
+
+        self.model, self.tokenizer = load(str(model_dir))
+        mx.eval(self.model.parameters())
+
+    def render(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True))
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_prompt_cache(self.model)
+
+    def generate(self, prompt: Sequence[int], max_tokens: int, cache: list | None = None) -> Generation:
+        """Greedy generation from ``prompt`` (onto ``cache`` if given, else a fresh one)."""
+        from mlx_lm import stream_generate
+
+        started = time.perf_counter()
+        first = None
+        tokens: list[int] = []
+        text = ""
+        gen_tps = 0.0
+        for response in stream_generate(
+            self.model, self.tokenizer, list(prompt), max_tokens=max_tokens, prompt_cache=cache
+        ):
+            if first is None:
+                first = time.perf_counter()
+            tokens.append(int(response.token))
+            if not (response.finish_reason == "stop" and response.token in self.tokenizer.eos_token_ids):
+                text += response.text
+            gen_tps = response.generation_tps
+        end = time.perf_counter()
+        first = first or end
+        decode = (len(tokens) - 1) / (end - first) if len(tokens) > 1 and end > first else 0.0
+        return Generation(text, tokens, first - started, end - started, decode, gen_tps)
+
+    def prefill_delta_ttft(self, cache: list, held: Sequence[int], prompt: Sequence[int]) -> tuple[float, int]:
+        """Trim ``cache`` (holding ``held``) to its common prefix with ``prompt``, then time
+        prefilling the rest up to the first token. Returns (seconds, tokens prefilled)."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        offset = cache[0].offset
+        held = list(held)[:offset]
+        common = 0
+        for a, b in zip(held, prompt):
+            if a != b:
+                break
+            common += 1
+        common = min(common, len(prompt) - 1)
+        trim_prompt_cache(cache, offset - common)
+        delta = mx.array(list(prompt[common:]), dtype=mx.uint32)
+        started = time.perf_counter()
+        for token, _ in generate_step(delta, self.model, max_tokens=1, prompt_cache=cache):
+            int(token)
+            break
+        return time.perf_counter() - started, len(prompt) - common
+
+
+def cache_holds(cache: list) -> int:
+    return int(cache[0].offset)
+
+
+def cache_nbytes(cache: list) -> int:
+    return int(sum(c.nbytes for c in cache))
+
+
+# --- servers ----------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the benchmark process dies, so an
+    interrupted run leaves no server behind."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so that ``finally`` blocks stop the servers."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
+class ServerProcess:
+    """A subprocess with a log file; ``stop`` sends SIGTERM and waits."""
+
+    proc: subprocess.Popen | None = None
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def _spawn(self, argv: list[str]) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+
+    def _check_alive(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            tail = self.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{type(self).__name__} exited with {self.proc.returncode}:\n{tail}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class DaemonProcess(ServerProcess):
+    """``python -m mlxkvd serve`` on a Unix socket; restartable on the same cache dir."""
+
+    def __init__(self, socket_path: Path, cache_dir: Path, log_path: Path, model: Path | None = None,
+                 extra_args: Sequence[str] = ()):
+        self.socket_path = socket_path
+        self.cache_dir = cache_dir
+        self.log_path = log_path
+        self.model = model
+        self.extra_args = list(extra_args)
+
+    def start(self, timeout: float = 180.0) -> "DaemonProcess":
+        from mlxkv import Client
+
+        argv = [sys.executable, "-m", "mlxkvd", "serve", "--socket", str(self.socket_path),
+                "--cache-dir", str(self.cache_dir)]
+        if self.model is not None:
+            argv += ["--model", str(self.model)]
+        self._spawn(argv + self.extra_args)
+        deadline = time.monotonic() + timeout
+        with Client(self.socket_path, connect_timeout=2.0) as client:
+            while True:
+                self._check_alive()
+                try:
+                    client.wait_ready(timeout=2.0)
+                    return self
+                except Exception:  # noqa: BLE001 - not up yet
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"mlxkvd not ready after {timeout} s; see {self.log_path}")
+
+    def restart(self) -> "DaemonProcess":
+        self.stop()
+        return self.start()
+
+
+class MlxLmServer(ServerProcess):
+    """``python -m mlx_lm.server`` on 127.0.0.1 with a local model path (no downloads)."""
+
+    def __init__(self, model: Path, log_path: Path, cache_bytes: int | None = None,
+                 cache_size: int = 1000):
+        self.model = model
+        self.log_path = log_path
+        self.cache_bytes = cache_bytes
+        self.cache_size = cache_size
+        self.port = 0
+
+    def start(self, timeout: float = 180.0) -> "MlxLmServer":
+        self.port = free_port()
+        argv = [sys.executable, "-m", "mlx_lm.server", "--model", str(self.model),
+                "--host", "127.0.0.1", "--port", str(self.port), "--temp", "0.0",
+                "--prompt-cache-size", str(self.cache_size), "--log-level", "WARNING"]
+        if self.cache_bytes is not None:
+            argv += ["--prompt-cache-bytes", str(self.cache_bytes)]
+        self._spawn(argv)
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    conn.close()
+                    return self
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"mlx_lm.server not ready after {timeout} s; see {self.log_path}")
+            time.sleep(0.2)
+
+    def restart(self) -> "MlxLmServer":
+        self.stop()
+        return self.start()
+
+    def chat(self, messages: Sequence[dict[str, Any]], max_tokens: int) -> "HttpTurn":
+        """One streamed ``/v1/chat/completions`` call, timed from the request to each delta."""
+        body = json.dumps({
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        started = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"mlx_lm.server answered {response.status}: {response.read()[:500]!r}")
+        first = last = None
+        chunks = 0
+        text = ""
+        usage: dict[str, Any] = {}
+        finish = None
+        while True:
+            line = response.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                break
+            event = json.loads(data)
+            if event.get("usage"):
+                usage = event["usage"]
+            for choice in event.get("choices") or ():
+                content = (choice.get("delta") or {}).get("content")
+                if content:
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    chunks += 1
+                    text += content
+                finish = choice.get("finish_reason") or finish
+        end = time.perf_counter()
+        conn.close()
+        return HttpTurn(text, started, first or end, last or end, end, chunks, usage, finish)
+
+
+@dataclass
+class HttpTurn:
+    text: str
+    started: float
+    first: float
+    last: float
+    end: float
+    chunks: int
+    usage: dict[str, Any]
+    finish_reason: str | None
+
+
+# --- memory -----------------------------------------------------------------------------------
+
+
+def read_status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class PeakRss:
+    """Samples VmRSS of a process (``pid_of()`` is re-read: a restarted server changes pid)
+    in a background thread; ``peak_bytes`` also folds in the kernel's VmHWM when asked."""
+
+    def __init__(self, pid_of, interval: float = 0.05):
+        self._pid_of = pid_of
+        self._interval = interval
+        self._stop = threading.Event()
+        self.peak_kib = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sample(include_hwm=False)
+        self._stop.set()
+        self._thread.join()
+
+    def sample(self, include_hwm: bool = False) -> None:
+        pid = self._pid_of()
+        if pid is None:
+            return
+        for key in ("VmRSS", "VmHWM") if include_hwm else ("VmRSS",):
+            value = read_status_kib(pid, key)
+            if value is not None:
+                self.peak_kib = max(self.peak_kib, value)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_kib * 1024
+
+
+# --- deterministic text -----------------------------------------------------------------------
+
+_WORDS = (
+    "the a an of to in for with on at by from as is are was be this that these those it its "
+    "function method class module package buffer cache request response handler parser token "
+    "stream socket thread queue event value index offset length count error result config "
+    "option field record table column row file path directory layout widget editor cursor "
+    "selection range line column diagnostic symbol reference definition import export type "
+    "interface struct enum trait closure iterator generator promise future callback channel "
+    "should would could must may might will can does did has have had make makes build builds "
+    "return returns call calls read reads write writes parse parses check checks update updates "
+    "quickly slowly correctly safely always never often sometimes again instead because when "
+    "while before after during unless until although however therefore meanwhile otherwise "
+    "small large empty full stale fresh nested flat async sync local remote shared private "
+    "user session project workspace branch commit diff patch merge rebase review test suite"
+).split()
+_IDENTS = (
+    "parse_header load_config render_view apply_patch fetch_rows open_stream close_socket "
+    "encode_frame decode_frame flush_cache evict_entry resolve_path walk_tree index_symbols "
+    "format_range merge_spans split_lines count_tokens schedule_task cancel_task retry_call "
+    "validate_input normalize_path to_json from_json emit_event on_change on_save on_open"
+).split()
+_TYPES = "Buffer Request Response Session Editor Range Span Token Cache Entry Frame Config Workspace".split()
+
+
+class TextMaker:
+    """Seeded random prose and code-like text, sized in tokens of the model's tokenizer."""
+
+    def __init__(self, seed: int, count_tokens):
+        self.rng = random.Random(seed)
+        self.count = count_tokens
+
+    def sentence(self) -> str:
+        n = self.rng.randint(8, 18)
+        words = [self.rng.choice(_WORDS) for _ in range(n)]
+        if self.rng.random() < 0.5:
+            words.insert(self.rng.randrange(n), f"`{self.rng.choice(_IDENTS)}()`")
+        return " ".join(words).capitalize() + "."
+
+    def code_line(self) -> str:
+        r = self.rng
+        kind = r.randrange(5)
+        a, b = r.choice(_IDENTS), r.choice(_IDENTS)
+        t = r.choice(_TYPES)
+        if kind == 0:
+            return f"def {a}(self, {b.split('_')[-1]}: {t}) -> {r.choice(_TYPES)}:"
+        if kind == 1:
+            return f"    result = self.{a}({b.split('_')[0]}, limit={r.randint(1, 4096)})"
+        if kind == 2:
+            return f"    if not {b.split('_')[-1]}.{a}():  # {r.choice(_WORDS)} {r.choice(_WORDS)}"
+        if kind == 3:
+            return f"    return {t}({a}=self.{b}, offset={r.randint(0, 999)})"
+        return f"class {t}{r.choice(_TYPES)}({t}):"
+
+    def _fill(self, target_tokens: int, piece, sep: str) -> str:
+        parts: list[str] = []
+        while True:
+            parts.append(piece())
+            text = sep.join(parts)
+            if self.count(text) >= target_tokens:
+                return text
+
+    def prose(self, target_tokens: int) -> str:
+        return self._fill(target_tokens, self.sentence, " ")
+
+    def code(self, target_tokens: int) -> str:
+        return self._fill(target_tokens, self.code_line, "\n")
+
+    def user_message(self, target_tokens: int) -> str:
+        """A question with a code excerpt, about ``target_tokens`` tokens."""
+        ask = f"In `{self.rng.choice(_IDENTS)}.py`, " + self.sentence()
+        code_budget = max(target_tokens - self.count(ask) - 25, 10)
+        code = self.code(code_budget)
+        text = f"{ask}\n```python\n{code}\n```\n"
+        tail = self.prose(max(target_tokens - self.count(text), 1))
+        return text + tail
+
+    def tools(self, budget_tokens: int) -> list[dict[str, Any]]:
+        """IDE-like tool definitions (JSON schema) whose JSON takes about ``budget_tokens``."""
+        tools: list[dict[str, Any]] = []
+        while not tools or self.count(tools_json(tools)) < budget_tokens:
+            i = len(tools)
+            name = f"{self.rng.choice(_IDENTS)}_{i}"
+            props = {}
+            for _ in range(self.rng.randint(2, 5)):
+                props[self.rng.choice(_IDENTS).split("_")[-1] + f"_{len(props)}"] = {
+                    "type": self.rng.choice(["string", "integer", "boolean"]),
+                    "description": self.sentence(),
+                }
+            tools.append({
+                "name": name,
+                "description": " ".join(self.sentence() for _ in range(2)),
+                "parameters": {"type": "object", "properties": props, "required": sorted(props)[:1]},
+            })
+        return tools
+
+    def system_prompt(self, target_tokens: int, tools: Sequence[dict[str, Any]] = ()) -> str:
+        """An IDE assistant's system prompt: instructions, the tool JSON, project context."""
+        head = ("You are a coding assistant inside an IDE. Answer briefly, cite files, and call a "
+                "tool when you need to read or change the workspace.\n")
+        if tools:
+            head += "You can call these tools (JSON schema):\n" + tools_json(tools) + "\n"
+        head += "Project context:\n"
+        rest = max(target_tokens - self.count(head), 1)
+        return head + self.code(rest // 2) + "\n" + self.prose(max(target_tokens - self.count(head) - rest // 2, 1))
+
+
+def tools_json(tools: Sequence[dict[str, Any]]) -> str:
+    return json.dumps(list(tools))
+
+
+# --- reporting --------------------------------------------------------------------------------
+
+
+def progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, unit="turn", dynamic_ncols=True, leave=True)
+
+
+def median(values: Sequence[float]) -> float:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else float("nan")
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0 or a != a or b != b:
+        return None
+    return a / b
+
+
+def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:
+            return "-"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def machine_info() -> dict[str, Any]:
+    import platform
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "blas_preloaded": blas_preloaded(),
+        "loadavg_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+    try:
+        import importlib.metadata as md
+
+        info["mlx"] = md.version("mlx")
+        info["mlx_lm"] = md.version("mlx-lm")
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    return info
