@@ -16,6 +16,10 @@ from .errors import ConversationBusyError, ConversationNotFoundError, StaleRevis
 
 Message = dict[str, Any]
 
+# How long a new turn waits for a cancelled turn of the same conversation to wind down (one
+# decode step, or its place in the engine's queue) before it is refused as busy.
+CANCELLED_TURN_WAIT_S = 60.0
+
 
 @dataclass
 class ConversationRecord:
@@ -25,6 +29,14 @@ class ConversationRecord:
     revision: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Claim:
+    """A conversation's turn in flight; ``cancelled`` once its client went away."""
+
+    plan: "TurnPlan"
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,8 +52,9 @@ class TurnPlan:
 class ConversationRegistry:
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
         self._records: dict[str, ConversationRecord] = {}
-        self._busy: set[str] = set()
+        self._busy: dict[str, _Claim] = {}
 
     def begin_turn(
         self,
@@ -51,17 +64,24 @@ class ConversationRegistry:
         *,
         reset: bool,
         base_revision: int,
+        wait_cancelled_s: float = CANCELLED_TURN_WAIT_S,
     ) -> TurnPlan:
         """Claim the conversation for one turn and return the full history to render.
 
         Raises ConversationBusyError when a turn is already in flight and StaleRevisionError
-        when a delta does not build on the revision held here.
+        when a delta does not build on the revision held here. A turn in flight whose client
+        cancelled it is waited for (up to ``wait_cancelled_s``): a client that stops an
+        answer and sends its next message at once must not be refused.
         """
+        deadline = time.monotonic() + wait_cancelled_s
         with self._lock:
-            if conversation_id in self._busy:
-                raise ConversationBusyError(
-                    f"conversation {conversation_id!r} already has a turn in flight"
-                )
+            while (claim := self._busy.get(conversation_id)) is not None:
+                remaining = deadline - time.monotonic()
+                if not claim.cancelled or remaining <= 0:
+                    raise ConversationBusyError(
+                        f"conversation {conversation_id!r} already has a turn in flight"
+                    )
+                self._released.wait(remaining)
             record = self._records.get(conversation_id)
             if reset:
                 plan = TurnPlan(conversation_id, list(messages), list(tools), base_revision=0)
@@ -83,13 +103,13 @@ class ConversationRegistry:
                     list(tools) if tools else list(record.tools),
                     record.revision,
                 )
-            self._busy.add(conversation_id)
+            self._busy[conversation_id] = _Claim(plan)
             return plan
 
     def commit_turn(self, plan: TurnPlan, reply: Message) -> int:
         """Record a completed turn; returns the new revision."""
         with self._lock:
-            self._busy.discard(plan.conversation_id)
+            self._release(plan)
             record = self._records.get(plan.conversation_id)
             if record is None:
                 record = self._records[plan.conversation_id] = ConversationRecord(
@@ -104,7 +124,21 @@ class ConversationRegistry:
     def abandon_turn(self, plan: TurnPlan) -> None:
         """Release the conversation after a failed or cancelled turn; nothing is committed."""
         with self._lock:
-            self._busy.discard(plan.conversation_id)
+            self._release(plan)
+
+    def cancel_turn(self, plan: TurnPlan) -> None:
+        """``plan``'s client went away: its turn will be abandoned, so a next turn of the
+        conversation waits for that instead of being refused. A no-op once it has ended."""
+        with self._lock:
+            claim = self._busy.get(plan.conversation_id)
+            if claim is not None and claim.plan is plan:
+                claim.cancelled = True
+
+    def _release(self, plan: TurnPlan) -> None:
+        claim = self._busy.get(plan.conversation_id)
+        if claim is not None and claim.plan is plan:
+            del self._busy[plan.conversation_id]
+            self._released.notify_all()
 
     def get(self, conversation_id: str) -> ConversationRecord:
         with self._lock:

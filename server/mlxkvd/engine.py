@@ -8,6 +8,7 @@ client went away stops within one decode step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -71,8 +72,13 @@ class Turn:
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
+    # Tokens generated so far (engine thread), and how many there were at cancel().
+    generated: int = 0
+    generated_at_cancel: int | None = None
 
     def cancel(self) -> None:
+        if not self.cancelled.is_set():
+            self.generated_at_cancel = self.generated
         self.cancelled.set()
 
 
@@ -119,6 +125,8 @@ class Engine:
         self._active_lock = threading.Lock()
         self._current: Turn | None = None
         self._snapshot: dict[str, Any] = {"stats": store.stats(), "tiers": {}}
+        args = getattr(runtime.model, "args", None)
+        self._vocab_size = int(getattr(args, "vocab_size", 0) or len(runtime.tokenizer.vocab))
 
     # -- handler-thread side --------------------------------------------------------------
 
@@ -251,6 +259,11 @@ class Engine:
                 f"{rt.context_length}"
             )
         max_tokens = min(turn.max_tokens, rt.context_length - len(prompt))
+        sampling = turn.sampling
+        if sampling.top_k >= self._vocab_size:
+            # Keeping more tokens than the vocabulary has keeps them all. mlx-lm raises on it,
+            # inside a compiled function, which breaks every later sampled turn of the process.
+            sampling = dataclasses.replace(sampling, top_k=0)
         key = None if turn.one_shot else plan.conversation_id
         lookup = self.store.checkout(key, prompt)
         cache = lookup.cache if lookup.cache is not None else rt.make_cache()
@@ -273,10 +286,11 @@ class Engine:
         detok = rt.tokenizer.detokenizer
         eos = rt.eos_token_ids
         try:
-            for token in rt.generate(prompt[cached:], cache, max_tokens=max_tokens, sampling=turn.sampling):
+            for token in rt.generate(prompt[cached:], cache, max_tokens=max_tokens, sampling=sampling):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 generated.append(token)
+                turn.generated = len(generated)
                 if turn.cancelled.is_set():
                     raise TurnCancelledError("the client cancelled the turn")
                 if token in eos:
@@ -295,6 +309,16 @@ class Engine:
                     turn.events.put(Text(text[emitted:safe], tuple(pending)))
                     emitted, pending = safe, []
         except TurnCancelledError:
+            self.counters.tokens_saved += cached
+            self.counters.tokens_prefilled += len(prompt) - cached
+            self.counters.tokens_generated += len(generated)
+            at_cancel = turn.generated_at_cancel or 0
+            log.info(
+                "turn conversation=%s cancelled: generated=%d, %d after the cancel; not committed",
+                key or "-",
+                len(generated),
+                len(generated) - at_cancel,
+            )
             # The cache holds the prompt plus every token yielded so far: still usable.
             self.store.checkin(key, prompt + generated, cache)
             raise

@@ -226,7 +226,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             turn = self._turn(request)
         except MlxkvError as exc:
             context.abort(status_code(exc), str(exc))
-        context.add_callback(turn.cancel)
+        context.add_callback(lambda: self._on_rpc_end(turn))
         try:
             self.engine.submit(turn)
         except MlxkvError as exc:
@@ -244,6 +244,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield _event_pb(event, request.conversation_id)
             if isinstance(event, Finished):
                 return
+
+    def _on_rpc_end(self, turn: Turn) -> None:
+        # Runs when the RPC ends for any reason; after a committed turn both are no-ops.
+        turn.cancel()
+        if not turn.one_shot:
+            self.registry.cancel_turn(turn.plan)
 
     def GetConversation(self, request, context):
         try:
