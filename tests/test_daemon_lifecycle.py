@@ -51,7 +51,15 @@ def test_sigterm_with_a_turn_in_flight_cancels_it_flushes_and_exits_0(make_daemo
         with Client(d.socket, retry_unavailable_s=0) as client:
             conv = client.conversation("long")
             try:
-                outcome["turn"] = conv.send(LONG_PROMPT, on_text=lambda _t: streaming.set(), max_tokens=4000)
+                # Sampled at a high temperature the model rambles: an end-of-turn token is
+                # unlikely before the signal, so the turn is still running when it comes.
+                outcome["turn"] = conv.send(
+                    LONG_PROMPT,
+                    on_text=lambda _t: streaming.set(),
+                    max_tokens=4000,
+                    temperature=2.0,
+                    seed=7,
+                )
             except MlxkvError as exc:
                 outcome["error"] = exc
 
