@@ -20,9 +20,9 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
@@ -58,6 +58,16 @@ def child_env() -> dict[str, str]:
     env["MLXKV_CONFIG"] = ""
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def fresh_workdir(out: Path, name: str) -> Path:
+    """``out/name``, emptied: servers' logs and caches of this run only."""
+    import shutil
+
+    workdir = out / name
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    return workdir
 
 
 def free_port() -> int:

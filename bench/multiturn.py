@@ -22,6 +22,7 @@ import argparse
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -564,11 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    workdir = out / "multiturn-work"
-    import shutil
-
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = common.fresh_workdir(out, "multiturn-work")
     started = time.perf_counter()
     default_dir, f32_dir = common.model_dirs()
     ref = common.InProcess(f32_dir)

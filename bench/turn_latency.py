@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     decode_tokens = 32 if args.quick else 128
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    workdir = out / "turn_latency-work"
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
+    workdir = common.fresh_workdir(out, "turn_latency-work")
     started_at = time.perf_counter()
 
     default_dir, f32_dir = common.model_dirs()

@@ -7,7 +7,6 @@ against a given cache. Only the engine thread calls into it.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -44,6 +43,11 @@ def backend_name() -> str:
     if hasattr(mx, "cuda") and mx.cuda.is_available():
         return "cuda"
     return "gpu"
+
+
+def _template_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tool definitions in the shape Hugging Face chat templates expect."""
+    return [{"type": "function", "function": t} for t in tools] if tools else None
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -119,7 +123,7 @@ class ModelRuntime:
             return list(
                 self.tokenizer.apply_chat_template(
                     list(messages),
-                    tools=[{"type": "function", "function": t} for t in tools] if tools else None,
+                    tools=_template_tools(tools),
                     add_generation_prompt=True,
                 )
             )
@@ -137,7 +141,7 @@ class ModelRuntime:
             try:
                 n = len(self.tokenizer.apply_chat_template(
                     list(messages[:i]),
-                    tools=[{"type": "function", "function": t} for t in tools] if tools else None,
+                    tools=_template_tools(tools),
                     add_generation_prompt=False,
                 ))
             except Exception:  # noqa: BLE001 - a partial history a template refuses
@@ -205,7 +209,3 @@ def load_runtime(model_dir: Path | None, cache_dir: Path, *, kv_bits: int = 0) -
     if not Path(model_dir).is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
     return ModelRuntime(Path(model_dir), kv_bits=kv_bits)
-
-
-def dumps_tools(tools: Sequence[dict[str, Any]]) -> str:
-    return json.dumps(list(tools), sort_keys=True)
