@@ -29,6 +29,7 @@ CACHE_SOURCE_LABELS = {
     "conversation": "from conversation",
     "shared_prefix": "from shared prefix",
     "disk": "from disk",
+    "checkpoint": "from turn checkpoint",
 }
 
 
@@ -177,8 +178,11 @@ def format_status(status: Any) -> str:
             lookups = tier.hits + tier.misses
             rate = f"{100 * tier.hits / lookups:.1f}%" if lookups else "-"
             budget = format_bytes(tier.budget_bytes) if tier.budget_bytes else "-"
-            rows.append((tier.name, tier.entries, format_bytes(tier.bytes), budget, tier.hits, tier.misses, rate))
-        lines += ["", format_table(("tier", "entries", "bytes", "budget", "hits", "misses", "hit rate"), rows)]
+            in_flight = format_bytes(tier.in_flight_bytes) if tier.in_flight_bytes else "-"
+            rows.append((tier.name, tier.entries, format_bytes(tier.bytes), in_flight, budget,
+                         tier.hits, tier.misses, rate))
+        header = ("tier", "entries", "bytes", "in flight", "budget", "hits", "misses", "hit rate")
+        lines += ["", format_table(header, rows)]
     return "\n".join(lines)
 
 

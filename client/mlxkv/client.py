@@ -58,6 +58,7 @@ CACHE_SOURCES = {
     pb.CACHE_SOURCE_CONVERSATION: "conversation",
     pb.CACHE_SOURCE_SHARED_PREFIX: "shared_prefix",
     pb.CACHE_SOURCE_DISK: "disk",
+    pb.CACHE_SOURCE_CHECKPOINT: "checkpoint",
 }
 
 

@@ -165,6 +165,20 @@ class Config:
         "S",
         reload=True,
     )
+    write_behind_delay_s: float = _setting(
+        "after a turn, how long the daemon is idle before writing caches to the disk tier",
+        _non_negative_float,
+        1.0,
+        "S",
+    )
+    idle_unload_s: float = _setting(
+        "unload the model (caches go to disk) after this many seconds without a turn; "
+        "the next turn loads it again (0: never)",
+        _non_negative_float,
+        0.0,
+        "S",
+        reload=True,
+    )
     max_message_bytes: int = _setting(
         "largest gRPC request accepted", parse_size, 16 * 1024**2, "SIZE"
     )

@@ -195,7 +195,13 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
         max_disk_bytes=config.max_disk_bytes,
         ttl_s=config.cache_ttl_s or None,
     )
-    engine = Engine(runtime, store, ConversationRegistry())
+    engine = Engine(
+        runtime,
+        store,
+        ConversationRegistry(),
+        write_behind_delay_s=config.write_behind_delay_s,
+        idle_unload_s=config.idle_unload_s,
+    )
     engine.start()
     server, health, service = create_server(
         engine,
@@ -212,6 +218,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
         "max_cache_bytes": lambda n: engine.call(lambda: store.set_memory_budget(n)),
         "default_max_tokens": lambda n: setattr(service, "default_max_tokens", n),
         "cache_ttl_s": lambda s: engine.call(lambda: store.set_ttl(s or None)),
+        "idle_unload_s": engine.set_idle_unload,
     }
     assert set(apply) == RELOADABLE, "every reloadable setting needs a way to apply it"
     while not signals.stop:

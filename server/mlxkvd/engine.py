@@ -3,7 +3,12 @@
 gRPC handler threads submit a ``Turn`` and read its event queue; they never touch the model
 or the caches. Each turn renders the conversation, checks out the longest cached prefix from
 the store, prefills the rest, streams tokens, and checks the cache back in. A turn whose
-client went away stops within one decode step.
+client went away stops within one prefill chunk or one decode step.
+
+Idle time is used in two stages: once nothing has been queued for ``write_behind_delay_s``,
+caches not yet on disk are written behind, one per look at the queue, so a client that sends
+its next turn right away never waits for a write; after ``idle_unload_s`` without a turn
+(0: never) the weights and the resident caches leave memory, and the next turn loads them.
 """
 
 from __future__ import annotations
@@ -19,10 +24,16 @@ from typing import Any, Callable
 
 from .conversations import ConversationRegistry, TurnPlan
 from .errors import ContextOverflowError, MlxkvError, ShuttingDownError, TurnCancelledError
+from .kvcache import MlxCacheOps
 from .runtime import ModelRuntime, Sampling
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
+
+# How long the engine waits, idle, before writing caches behind to disk. Long enough for a
+# script's or a benchmark's next turn, short against a person reading a reply.
+DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
+_EMPTY = object()
 
 
 # Events a turn emits, in order: Started, then Text*, then Finished or Failed.
@@ -113,10 +124,17 @@ class Engine:
         runtime: ModelRuntime,
         store: CacheStore,
         registry: ConversationRegistry,
+        *,
+        write_behind_delay_s: float = DEFAULT_WRITE_BEHIND_DELAY_S,
+        idle_unload_s: float = 0.0,
     ):
         self.runtime = runtime
         self.store = store
         self.registry = registry
+        self.write_behind_delay_s = write_behind_delay_s
+        self.idle_unload_s = idle_unload_s
+        self._ops = MlxCacheOps()
+        self._last_turn_at = time.monotonic()
         self.counters = Counters()
         self._queue: "queue.Queue[Turn | Callable[[], Any] | None]" = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlxkv-engine", daemon=True)
@@ -167,6 +185,11 @@ class Engine:
         """Where a conversation's cache was at the end of the last turn or task (never blocks)."""
         return self._snapshot["tiers"].get(conversation_id, "none")
 
+    def set_idle_unload(self, idle_unload_s: float) -> None:
+        """Change the idle unload delay (SIGHUP); takes effect at once, even while idle."""
+        self.idle_unload_s = idle_unload_s
+        self._queue.put(lambda: None)  # wakes the idle wait so that it re-arms its timer
+
     def delete_cache(self, conversation_id: str) -> bool:
         """Remove a conversation's cache from every tier; waits for the running turn."""
         return bool(self.call(lambda: self.store.delete(conversation_id), timeout=600))
@@ -199,6 +222,7 @@ class Engine:
                     self._run(item)
                 finally:
                     self._current = None
+                    self._last_turn_at = time.monotonic()
                     with self._active_lock:
                         self._active -= 1
             else:
@@ -211,21 +235,56 @@ class Engine:
             log.exception("flushing caches at shutdown failed")
 
     def _next_item(self) -> "Turn | Callable[[], Any] | None":
-        """The next queued item; while there is none, write caches behind to the disk tier."""
+        """The next queued item; while there is none, the idle stages (see the module doc).
+        Both delays count from the end of the last turn, not of the last task: a periodic
+        task (TTL expiry) must not keep postponing them."""
         while True:
-            try:
-                return self._queue.get_nowait()
-            except queue.Empty:
-                pass
-            try:
-                wrote = self.store.persist_next()
-            except Exception:  # noqa: BLE001 - the disk tier must never stop the engine
-                log.exception("writing a cache to the disk tier failed")
-                wrote = False
-            if wrote:
-                self._refresh_snapshot()
+            idle = time.monotonic() - self._last_turn_at
+            if idle < self.write_behind_delay_s:
+                item = self._wait(self.write_behind_delay_s - idle)
             else:
-                return self._queue.get()
+                item = self._wait(0)
+                if item is _EMPTY and self._write_behind():
+                    continue
+                if item is _EMPTY and self.idle_unload_s > 0 and self.runtime.loaded:
+                    if idle >= self.idle_unload_s:
+                        self._unload()
+                        continue
+                    item = self._wait(self.idle_unload_s - idle)
+                elif item is _EMPTY:
+                    return self._queue.get()
+            if item is not _EMPTY:
+                return item
+
+    def _wait(self, timeout_s: float) -> Any:
+        """The next queued item within ``timeout_s``, else ``_EMPTY``."""
+        try:
+            if timeout_s <= 0:
+                return self._queue.get_nowait()
+            return self._queue.get(timeout=timeout_s)
+        except queue.Empty:
+            return _EMPTY
+
+    def _write_behind(self) -> bool:
+        """Write one cache behind to the disk tier; False when there was nothing to write."""
+        try:
+            wrote = self.store.persist_next()
+        except Exception:  # noqa: BLE001 - the disk tier must never stop the engine
+            log.exception("writing a cache to the disk tier failed")
+            return False
+        if wrote:
+            self._refresh_snapshot()
+        return wrote
+
+    def _unload(self) -> None:
+        try:
+            moved = self.store.spill()
+        except Exception:  # noqa: BLE001 - unloading must not stop the engine
+            log.exception("moving caches to the disk tier before unloading failed")
+            moved = 0
+        self.runtime.unload()
+        log.info("idle for %.0f s: model unloaded, %d caches moved to disk", self.idle_unload_s, moved)
+        self._refresh_snapshot()
 
     def _refresh_snapshot(self) -> None:
         keys = [r.conversation_id for r in self.registry.list()]
@@ -241,6 +300,7 @@ class Engine:
                 raise TurnCancelledError("cancelled before it started")
             self._generate(turn)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the handler
+            self.store.release()
             self.counters.requests_failed += 1
             if not isinstance(exc, MlxkvError):
                 log.exception("turn of %r failed", turn.plan.conversation_id)
@@ -252,6 +312,8 @@ class Engine:
         rt = self.runtime
         plan = turn.plan
         started = time.perf_counter()
+        if not rt.loaded:
+            rt.ensure_loaded()
         prompt = rt.render(plan.messages, plan.tools)
         if len(prompt) >= rt.context_length:
             raise ContextOverflowError(
@@ -265,7 +327,8 @@ class Engine:
             # inside a compiled function, which breaks every later sampled turn of the process.
             sampling = dataclasses.replace(sampling, top_k=0)
         key = None if turn.one_shot else plan.conversation_id
-        lookup = self.store.checkout(key, prompt)
+        # The cache this turn grows counts against the memory budget from the start.
+        lookup = self.store.checkout(key, prompt, reserve_bytes=rt.kv_nbytes(len(prompt) + max_tokens))
         cache = lookup.cache if lookup.cache is not None else rt.make_cache()
         cached = lookup.cached_tokens
         reason = lookup.reason
@@ -277,6 +340,8 @@ class Engine:
         turn.events.put(Started(len(prompt), cached, lookup.source, reason))
 
         generated: list[int] = []
+        held = cached  # tokens the cache holds
+        checkpoint = None
         pending: list[int] = []
         text = ""
         emitted = 0
@@ -286,7 +351,19 @@ class Engine:
         detok = rt.tokenizer.detokenizer
         eos = rt.eos_token_ids
         try:
-            for token in rt.generate(prompt[cached:], cache, max_tokens=max_tokens, sampling=sampling):
+            # Prefill all but the last prompt token in chunks that a cancel can stop between;
+            # generate() feeds the last one and samples.
+            boundary = self._turn_boundary(plan, prompt, cached) if key is not None else None
+            for target in (boundary, len(prompt) - 1):
+                if target is None:
+                    continue
+                held += rt.prefill(prompt[held:target], cache, turn.cancelled)
+                if held < target:
+                    raise TurnCancelledError("the client cancelled the turn")
+                if target == boundary:
+                    checkpoint = (prompt[:held], self._ops.copy_prefix(cache, held))
+                    self.store.reserve(self._ops.nbytes(checkpoint[1]))
+            for token in rt.generate(prompt[held:], cache, max_tokens=max_tokens, sampling=sampling):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 generated.append(token)
@@ -319,8 +396,10 @@ class Engine:
                 len(generated),
                 len(generated) - at_cancel,
             )
-            # The cache holds the prompt plus every token yielded so far: still usable.
-            self.store.checkin(key, prompt + generated, cache)
+            # The cache holds the prompt (or the part prefilled) plus every token yielded so
+            # far: still usable.
+            held = len(prompt) + len(generated) if generated else held
+            self.store.checkin(key, (prompt + generated)[:held], cache, checkpoint=checkpoint)
             raise
         # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
         if finish != "stop_string":
@@ -369,4 +448,16 @@ class Engine:
         )
         turn.events.put(finished)
         # After the reply is out: an eviction this causes may write to disk.
-        self.store.checkin(key, prompt + generated, cache)
+        self.store.checkin(key, prompt + generated, cache, checkpoint=checkpoint)
+
+    def _turn_boundary(self, plan: TurnPlan, prompt: list[int], cached: int) -> int | None:
+        """Where the generation prompt starts, for a model whose cache cannot be trimmed: a
+        copy of the cache there lets a regenerated or rewritten reply cost only that reply.
+        None when the model's caches can be trimmed, or the boundary is not in this prefill."""
+        if not self.runtime.needs_checkpoints:
+            return None
+        head = self.runtime.render(plan.messages, plan.tools, generation_prompt=False)
+        n = len(head)
+        if cached <= n < len(prompt) and prompt[:n] == head:
+            return n
+        return None

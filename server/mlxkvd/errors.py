@@ -36,6 +36,10 @@ class ModelLoadError(MlxkvError):
     """The model directory is missing, incomplete or corrupt."""
 
 
+class ModelChangedError(ModelLoadError):
+    """The model's files changed on disk while it was unloaded; a restart serves the new ones."""
+
+
 class ShuttingDownError(MlxkvError):
     """The daemon is stopping and takes no new work."""
 

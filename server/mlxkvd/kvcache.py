@@ -45,12 +45,13 @@ class MlxCacheOps:
         """Allocated bytes (KVCache grows in 256-token steps), not bytes of tokens used."""
         return sum(c.nbytes for c in cache)
 
-    def num_tokens(self, cache: list) -> int:
+    def num_tokens(self, cache: list) -> int | None:
+        """Tokens the cache holds, or None if no layer counts them (recurrent layers only)."""
         for c in cache:
             offset = getattr(c, "offset", None)
             if isinstance(offset, int):
                 return offset
-        return 0
+        return None
 
     def can_trim(self, cache: list) -> bool:
         return can_trim_prompt_cache(cache)

@@ -6,8 +6,10 @@ against a given cache. Only the engine thread calls into it.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +17,19 @@ from typing import Any, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm import load
-from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
+from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import dequantize_model
 
-from .errors import InvalidRequestError, ModelLoadError
+from .errors import InvalidRequestError, ModelChangedError, ModelLoadError
 
 log = logging.getLogger(__name__)
+
+# Prompt tokens per forward pass. mlx-lm's default is 2048; smaller chunks cost nothing
+# measurable on the CPU and let a cancelled turn stop sooner during a long prefill.
+PREFILL_STEP = 512
+KV_GROUP_SIZE = 64  # mlx-lm's default group size for quantized KV caches
 
 
 @dataclass(frozen=True)
@@ -72,34 +79,104 @@ class ModelRuntime:
         self.kv_bits = kv_bits
         if not (self.model_dir / "config.json").is_file():
             raise ModelLoadError(f"{self.model_dir} is not a model directory (no config.json)")
+        self.backend = backend_name()
+        self.fingerprint = self._current_fingerprint()
+        config = self._load()
+        self.context_length = int(
+            config.get("max_position_embeddings")
+            or getattr(self.tokenizer, "model_max_length", 0)
+            or 4096
+        )
+        self.weights_dtype = str(self._weights_dtype()).replace("mlx.core.", "")
+        # Layers other than KVCache (sliding-window, recurrent) cannot always be trimmed back to
+        # a divergence; the engine keeps a checkpoint at each turn boundary for them.
+        self.needs_checkpoints = not all(
+            isinstance(c, (KVCache, QuantizedKVCache)) for c in self.make_cache()
+        )
+        self._kv_growth = self._measure_kv_growth()
+
+    def _current_fingerprint(self) -> str:
+        return _fingerprint(self.model_dir) + (f"-kv{self.kv_bits}" if self.kv_bits else "")
+
+    def _load(self) -> dict:
         started = time.monotonic()
         try:
             self.model, self.tokenizer, config = load(str(self.model_dir), return_config=True)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model directory
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
-        self.backend = backend_name()
         if self.backend == "cpu":
             # MLX's CPU backend has no fast quantized matmul: float32 weights through BLAS
             # are an order of magnitude faster than 4-bit ones.
             dequantize_model(self.model)
             self.model.set_dtype(mx.float32)
         mx.eval(self.model.parameters())
-        self.weights_dtype = str(self._weights_dtype()).replace("mlx.core.", "")
-        self.context_length = int(
-            config.get("max_position_embeddings")
-            or getattr(self.tokenizer, "model_max_length", 0)
-            or 4096
-        )
-        self.fingerprint = _fingerprint(self.model_dir) + (f"-kv{kv_bits}" if kv_bits else "")
         log.info(
-            "model %s loaded in %.1f s: backend %s, weights %s, context %d, fingerprint %s",
+            "model %s loaded in %.1f s: backend %s, fingerprint %s",
             self.name,
             time.monotonic() - started,
             self.backend,
-            self.weights_dtype,
-            self.context_length,
             self.fingerprint,
         )
+        return config
+
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def unload(self) -> None:
+        """Let the weights leave memory (idle unload); ``ensure_loaded`` brings them back.
+        The tokenizer stays: it is small, and the status and conversation RPCs use it."""
+        if self.model is None:
+            return
+        self.model = None
+        gc.collect()
+        mx.clear_cache()
+        log.info("model %s unloaded after being idle", self.name)
+
+    def ensure_loaded(self) -> None:
+        """Load the weights again after ``unload``, from the same directory. Raises
+        ``ModelChangedError`` if its files changed since the daemon started: the caches were
+        made with the old ones."""
+        if self.model is not None:
+            return
+        if self._current_fingerprint() != self.fingerprint:
+            raise ModelChangedError(
+                f"the files of model {self.name} in {self.model_dir} changed since the daemon "
+                "started; restart it to serve the new model"
+            )
+        self._load()
+
+    def _measure_kv_growth(self) -> list[tuple[int, int, int | None]]:
+        """Per layer ``(bytes per step, step, token cap)``. One forward pass of one token
+        into an empty cache allocates one step of each growing layer (256 tokens for KVCache);
+        a sliding-window layer stops growing at its window (plus one prefill chunk), and a
+        recurrent layer's state has a fixed size (step None)."""
+        cache = self.make_cache()
+        self.model(mx.array([[0]], dtype=mx.uint32), cache=cache)
+        if self.kv_bits:
+            maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
+        mx.eval([c.state for c in cache])
+        growth = []
+        for c in cache:
+            if isinstance(c, RotatingKVCache):
+                growth.append((c.nbytes, c.step, c.max_size + PREFILL_STEP))
+            elif isinstance(c, (KVCache, QuantizedKVCache)):
+                growth.append((c.nbytes, c.step, None))
+            else:
+                growth.append((c.nbytes, None, None))
+        return growth
+
+    def kv_nbytes(self, num_tokens: int) -> int:
+        """An upper bound of the bytes a cache of this model allocates while it holds up to
+        ``num_tokens`` tokens (what the memory budget reserves for a turn in flight)."""
+        total = 0
+        for nbytes, step, cap in self._kv_growth:
+            if step is None:
+                total += nbytes
+            else:
+                n = min(num_tokens, cap) if cap is not None else num_tokens
+                total += nbytes * max(1, math.ceil(n / step))
+        return total
 
     def _weights_dtype(self):
         from mlx.utils import tree_flatten
@@ -117,14 +194,17 @@ class ModelRuntime:
         self,
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        generation_prompt: bool = True,
     ) -> list[int]:
-        """Token ids of the conversation rendered by the chat template, ready to generate."""
+        """Token ids of the conversation rendered by the chat template, ready to generate
+        (without ``generation_prompt``: up to the end of the last message)."""
         try:
             return list(
                 self.tokenizer.apply_chat_template(
                     list(messages),
                     tools=_template_tools(tools),
-                    add_generation_prompt=True,
+                    add_generation_prompt=generation_prompt,
                 )
             )
         except Exception as exc:  # jinja2 raises TemplateError for roles a template refuses
@@ -157,6 +237,23 @@ class ModelRuntime:
         """An empty KV cache for this model."""
         return make_prompt_cache(self.model)
 
+    def prefill(self, tokens: Sequence[int], cache: list, cancelled=None) -> int:
+        """Feed ``tokens`` to the model, extending ``cache``, without sampling anything.
+        Returns how many were fed: all of them, unless ``cancelled`` (a ``threading.Event``,
+        checked between chunks) was set.
+        """
+        tokens = list(tokens)
+        for start in range(0, len(tokens), PREFILL_STEP):
+            if cancelled is not None and cancelled.is_set():
+                return start
+            chunk = mx.array([tokens[start : start + PREFILL_STEP]], dtype=mx.uint32)
+            with mx.stream(generation_stream):  # the stream generate_step runs on
+                self.model(chunk, cache=cache)
+                if self.kv_bits:
+                    maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
+                mx.eval([c.state for c in cache])
+        return len(tokens)
+
     def generate(
         self,
         new_tokens: Sequence[int],
@@ -185,6 +282,7 @@ class ModelRuntime:
             max_tokens=max_tokens,
             sampler=sampler,
             prompt_cache=cache,
+            prefill_step_size=PREFILL_STEP,
             **kv,
         ):
             yield int(token)

@@ -33,6 +33,7 @@ _CACHE_SOURCES = {
     "conversation": pb.CACHE_SOURCE_CONVERSATION,
     "shared_prefix": pb.CACHE_SOURCE_SHARED_PREFIX,
     "disk": pb.CACHE_SOURCE_DISK,
+    "checkpoint": pb.CACHE_SOURCE_CHECKPOINT,
 }
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -295,6 +296,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 budget_bytes=int(s.get("budget_bytes", 0)),
                 hits=int(s.get("hits", 0)),
                 misses=int(s.get("misses", 0)),
+                in_flight_bytes=int(s.get("in_flight_bytes", 0)),
             )
             for name, s in stats.items()
             if isinstance(s, dict)
@@ -306,7 +308,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             model=rt.name,
             model_fingerprint=rt.fingerprint,
             backend=rt.backend,
-            model_loaded=True,
+            model_loaded=rt.loaded,
             uptime_s=time.monotonic() - self.started_at,
             requests=c.requests,
             requests_failed=c.requests_failed,

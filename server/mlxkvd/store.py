@@ -17,7 +17,14 @@ Rules, in one place:
   prefix with any other entry (copied, never handed over), and trims what it hands out so that the
   cache holds exactly ``tokens[:cached_tokens]``, with at least one token left to prefill.
 - Memory is bounded by allocated bytes (``ops.nbytes``), in LRU order (lru-dict); what does not fit
-  spills to the disk tier, which is bounded by file bytes, also in LRU order.
+  spills to the disk tier, which is bounded by file bytes, also in LRU order. The cache a turn has
+  checked out counts too: ``checkout(reserve_bytes=...)`` makes room for what it will grow to, so
+  resident KV (stored plus in flight) stays within the budget during the turn as well.
+- Checkpoints. A cache that cannot be trimmed (sliding-window or recurrent layers) cannot be
+  rewound to where a regenerated or rewritten turn diverges. The engine checks in, with it, a
+  copy taken at the turn boundary (before the generation prompt); it is stored as an entry of its
+  own, under a key derived from the conversation's, and ``checkout`` resumes from it (source
+  ``checkpoint``) when the conversation's own cache does not fit the request.
 - Disk files are named by sha256(fingerprint, key), written to a temporary name and renamed, and
   carry the exact tokens, the key, the model fingerprint and a checksum in their metadata. A file
   that is unreadable, corrupt, or made with another model is removed, never served. Disk errors
@@ -55,6 +62,7 @@ _GONE_CAPACITY = 4096
 # lru-dict needs a capacity; ours are bounded by bytes, not by count.
 _UNBOUNDED = 2**31 - 1
 _ANON_PREFIX = "\x00anon:"
+_CHECKPOINT_SUFFIX = "\x00checkpoint"
 _TMP_PREFIX = ".tmp-"
 
 
@@ -68,7 +76,7 @@ class CacheOps(Protocol):
     file_suffix: str
 
     def nbytes(self, cache) -> int: ...  # allocated bytes, not tokens used
-    def num_tokens(self, cache) -> int: ...
+    def num_tokens(self, cache) -> int | None: ...  # None: the cache does not count them
     def can_trim(self, cache) -> bool: ...
     def trim(self, cache, n: int) -> None: ...  # drop the last n tokens, in place
     def copy_prefix(self, cache, n: int) -> Any: ...  # a new cache with the first n tokens
@@ -83,7 +91,7 @@ class Lookup:
 
     cache: Any | None  # now owned by the caller; None = start from an empty cache
     cached_tokens: int  # the cache holds exactly the KV of tokens[:cached_tokens]
-    source: str  # "none" | "conversation" | "shared_prefix" | "disk"
+    source: str  # "none" | "conversation" | "shared_prefix" | "disk" | "checkpoint"
     reason: str = ""  # why less than the conversation's stored history was reused
     diverged_at: int | None = None  # first token index where stored and requested differ
     tier: str = "none"  # where the cache came from: "memory" | "disk" | "none"
@@ -197,6 +205,7 @@ class CacheStore:
         # budget is in bytes, not entries, so eviction is explicit in _enforce_*_budget.
         self._mem: lru.LRU = lru.LRU(_UNBOUNDED)
         self._mem_bytes = 0
+        self._reserved = 0  # bytes the checked-out cache may grow to (see checkout)
         self._disk: lru.LRU = lru.LRU(_UNBOUNDED)
         self._disk_bytes = 0
         self._gone: lru.LRU = lru.LRU(_GONE_CAPACITY)  # key -> why it is no longer stored
@@ -211,42 +220,94 @@ class CacheStore:
 
     # ----------------------------------------------------------------------------- public API
 
-    def checkout(self, key: str | None, tokens: Sequence[int]) -> Lookup:
-        """Hand the caller the best cache for ``tokens``; the caller owns it until ``checkin``.
+    def checkout(self, key: str | None, tokens: Sequence[int], *, reserve_bytes: int = 0) -> Lookup:
+        """Hand the caller the best cache for ``tokens``; the caller owns it until ``checkin``
+        (or ``release``).
 
         The key's own entry (memory, then disk) is removed from the store and handed over
         without a copy. If another entry shares a longer prefix with ``tokens`` (the own entry
         diverged early or was not found), of at least ``min_shared_prefix`` tokens, that prefix
-        is copied instead and the own entry is dropped. Always ``cached_tokens < len(tokens)``.
+        is copied instead and the own entry is dropped; the key's own checkpoint is such an
+        entry, whatever its length. Always ``cached_tokens < len(tokens)``.
+
+        ``reserve_bytes`` is what the handed-out cache may grow to during the turn: other
+        entries are evicted (to disk) until it fits the memory budget beside them.
         """
         tokens = tuple(tokens)
         self._expire_if_due()
         own = self._take_own(key, tokens) if key is not None else Lookup(None, 0, "none")
         result = own
-        # Another entry may hold more of this sequence (a fork, a longer sibling): copying
-        # tokens is far cheaper than prefilling them.
+        self._reserved = reserve_bytes
+        self._enforce_memory_budget()
+        # Another entry may hold more of this sequence (a fork, a longer sibling, the key's
+        # checkpoint): copying tokens is far cheaper than prefilling them.
+        checkpoint = _checkpoint_key(key) if key is not None else None
         floor = max(own.cached_tokens, self._min_shared_prefix - 1)
-        shared = self._take_shared(tokens, exclude=key, better_than=floor)
+        shared = self._take_shared(
+            tokens, exclude=key, better_than=floor, prefer=checkpoint, prefer_above=own.cached_tokens
+        )
         if shared is not None:
             # Whatever the own entry held is dropped: the engine checks in the new history.
             shared.reason, shared.diverged_at = own.reason, own.diverged_at
+            if shared.source == "checkpoint":
+                shared.reason += f"; resumed from its turn-boundary checkpoint ({shared.cached_tokens} tokens)"
             result = shared
         self._count(result)
         return result
 
-    def checkin(self, key: str | None, tokens: Sequence[int], cache) -> None:
-        """Store ``cache`` (holding exactly ``tokens``) as ``key``'s entry, most recently used.
+    def reserve(self, nbytes: int) -> None:
+        """The turn in flight holds ``nbytes`` more (a checkpoint copy): make room for them."""
+        self._reserved += nbytes
+        self._enforce_memory_budget()
+
+    def spill(self) -> int:
+        """Move every memory entry to the disk tier (the model is being unloaded), writing
+        those not on disk yet. One-shot entries are dropped; an entry that cannot be written
+        stays in memory. Returns how many entries left memory."""
+        if self._disk_dir is None:
+            return 0
+        moved = 0
+        for key, entry in list(reversed(self._mem.items())):  # least recently used first
+            if not _is_anonymous(key) and not (entry.persisted and key in self._disk):
+                if not self._write_disk(key, entry):
+                    continue
+            self._pop_memory(key)
+            moved += 1
+        return moved
+
+    def release(self) -> None:
+        """The checked-out cache is gone (the turn failed): its reservation ends."""
+        self._reserved = 0
+
+    def checkin(
+        self,
+        key: str | None,
+        tokens: Sequence[int],
+        cache,
+        *,
+        checkpoint: tuple[Sequence[int], Any] | None = None,
+    ) -> None:
+        """Store ``cache`` (holding exactly ``tokens``) as ``key``'s entry, most recently used;
+        ends the reservation of ``checkout``.
 
         ``key`` None stores a one-shot sequence under an anonymous key so its prefix can be
-        shared; at most ``max_anonymous`` of those are kept, in memory only.
+        shared; at most ``max_anonymous`` of those are kept, in memory only. ``checkpoint`` is
+        ``(tokens, cache)`` taken at the turn boundary, for a cache that cannot be trimmed; it
+        replaces the key's previous checkpoint.
         """
-        tokens = tuple(tokens)
-        held = self._ops.num_tokens(cache)
-        if held != len(tokens):
-            raise ValueError(f"cache holds {held} tokens, checkin says {len(tokens)}")
+        self._reserved = 0
         self._expire_if_due()
         if key is None:
-            key = self._anonymous_key(tokens)
+            key = self._anonymous_key(tuple(tokens))
+        elif checkpoint is not None:
+            self._put(_checkpoint_key(key), checkpoint[0], checkpoint[1])
+        self._put(key, tokens, cache)
+
+    def _put(self, key: str, tokens: Sequence[int], cache) -> None:
+        tokens = tuple(tokens)
+        held = self._ops.num_tokens(cache)
+        if held is not None and held != len(tokens):
+            raise ValueError(f"cache holds {held} tokens, checkin says {len(tokens)}")
         # The key's disk file (if any) stays until persist_next replaces it: a crash before
         # then still leaves a valid prefix of this conversation on disk.
         self._pop_memory(key)
@@ -262,8 +323,9 @@ class CacheStore:
         self._enforce_memory_budget()
 
     def delete(self, key: str) -> bool:
-        """Forget ``key`` in both tiers. True if anything was removed."""
+        """Forget ``key`` (and its checkpoint) in both tiers. True if anything was removed."""
         removed = self._remove(key)
+        removed = self._remove(_checkpoint_key(key)) or removed
         self._gone.pop(key, None)
         return removed
 
@@ -286,7 +348,7 @@ class CacheStore:
         """Conversation keys stored in either tier (each once), most recently used first within
         a tier, memory first."""
         keys = dict.fromkeys([*self._mem.keys(), *self._disk.keys()])  # a key can be in both
-        return [k for k in keys if not _is_anonymous(k)]
+        return [k for k in keys if not _is_internal(k)]
 
     def persist_next(self) -> bool:
         """Write the most recently used memory entry that is not on disk yet, keeping it
@@ -324,7 +386,7 @@ class CacheStore:
         """Drop everything in memory (the model was switched)."""
         for key in list(self._mem.keys()):
             self._pop_memory(key)
-            if not _is_anonymous(key):
+            if not _is_internal(key):
                 self._gone[key] = "stored with another model"
 
     def expire(self) -> int:
@@ -362,6 +424,7 @@ class CacheStore:
             "memory": {
                 "entries": len(self._mem),
                 "bytes": self._mem_bytes,
+                "in_flight_bytes": self._reserved,
                 "budget_bytes": self._max_bytes,
                 "hits": self._mem_stats.hits,
                 "misses": self._mem_stats.misses,
@@ -402,9 +465,18 @@ class CacheStore:
             self._ops.trim(entry.cache, len(entry.tokens) - plan.reusable)
         return Lookup(entry.cache, plan.reusable, source, plan.reason, plan.diverged_at, tier)
 
-    def _take_shared(self, tokens, *, exclude: str | None, better_than: int) -> Lookup | None:
+    def _take_shared(
+        self,
+        tokens,
+        *,
+        exclude: str | None,
+        better_than: int,
+        prefer: str | None = None,
+        prefer_above: int = 0,
+    ) -> Lookup | None:
         """Copy the longest prefix of ``tokens`` held by another entry, if longer than
-        ``better_than``. A candidate that fails to load is skipped for the next best."""
+        ``better_than`` (or, for the entry ``prefer``, than ``prefer_above``). A candidate that
+        fails to load is skipped for the next best."""
         candidates = []
         for tier, table in (("memory", self._mem), ("disk", self._disk)):
             for key, entry in table.items():
@@ -414,14 +486,15 @@ class CacheStore:
                     self._ops.can_trim(entry.cache) if tier == "memory" else entry.trimmable
                 )
                 plan = _plan(entry.tokens, tokens, trimmable)
-                if plan.reusable > better_than:
+                if plan.reusable > (prefer_above if key == prefer else better_than):
                     candidates.append(_Candidate(key, tier, plan.reusable))
-        # Longest first; memory before disk at equal length (no file to read).
-        candidates.sort(key=lambda c: (-c.reusable, c.tier != "memory"))
+        # Longest first; the preferred entry, then memory before disk at equal length.
+        candidates.sort(key=lambda c: (-c.reusable, c.key != prefer, c.tier != "memory"))
         for cand in candidates:
             cache = self._copy_from(cand)
             if cache is not None:
-                return Lookup(cache, cand.reusable, "shared_prefix", tier=cand.tier)
+                source = "checkpoint" if cand.key == prefer else "shared_prefix"
+                return Lookup(cache, cand.reusable, source, tier=cand.tier)
         return None
 
     def _copy_from(self, cand: _Candidate):
@@ -474,7 +547,7 @@ class CacheStore:
         return entry
 
     def _enforce_memory_budget(self) -> None:
-        while self._mem_bytes > self._max_bytes and len(self._mem):
+        while self._mem_bytes + self._reserved > self._max_bytes and len(self._mem):
             key, _ = self._mem.peek_last_item()
             self._evict(key, self._pop_memory(key))
         anonymous = [k for k in self._mem.keys() if _is_anonymous(k)]  # most recent first
@@ -605,7 +678,7 @@ class CacheStore:
                 meta.get("key") != key
                 or meta.get("fingerprint") != self._fingerprint
                 or tuple(json.loads(meta.get("tokens", "null"))) != dentry.tokens
-                or self._ops.num_tokens(cache) != len(dentry.tokens)
+                or self._ops.num_tokens(cache) not in (None, len(dentry.tokens))
             ):
                 raise CacheFileError("contents do not match the index")
         except Exception as e:
@@ -655,3 +728,12 @@ def _index_checksum(metadata: dict[str, str]) -> str:
 
 def _is_anonymous(key: str) -> bool:
     return key.startswith(_ANON_PREFIX)
+
+
+def _checkpoint_key(key: str) -> str:
+    return key + _CHECKPOINT_SUFFIX
+
+
+def _is_internal(key: str) -> bool:
+    """Anonymous (one-shot) entries and checkpoints: stored, but not conversations."""
+    return _is_anonymous(key) or key.endswith(_CHECKPOINT_SUFFIX)

@@ -14,6 +14,7 @@ class CacheSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CACHE_SOURCE_CONVERSATION: _ClassVar[CacheSource]
     CACHE_SOURCE_SHARED_PREFIX: _ClassVar[CacheSource]
     CACHE_SOURCE_DISK: _ClassVar[CacheSource]
+    CACHE_SOURCE_CHECKPOINT: _ClassVar[CacheSource]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ CACHE_SOURCE_NONE: CacheSource
 CACHE_SOURCE_CONVERSATION: CacheSource
 CACHE_SOURCE_SHARED_PREFIX: CacheSource
 CACHE_SOURCE_DISK: CacheSource
+CACHE_SOURCE_CHECKPOINT: CacheSource
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -214,20 +216,22 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheTier(_message.Message):
-    __slots__ = ("name", "entries", "bytes", "budget_bytes", "hits", "misses")
+    __slots__ = ("name", "entries", "bytes", "budget_bytes", "hits", "misses", "in_flight_bytes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ENTRIES_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
     BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     HITS_FIELD_NUMBER: _ClassVar[int]
     MISSES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     name: str
     entries: int
     bytes: int
     budget_bytes: int
     hits: int
     misses: int
-    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ...) -> None: ...
+    in_flight_bytes: int
+    def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype")
