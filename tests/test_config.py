@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlxkv import paths
-from mlxkvd.config import Config, load_config
+from mlxkvd.config import FIELDS, Config, flag_name, load_config
 from mlxkvd.daemon import _parser
 
 
@@ -176,3 +176,9 @@ def test_config_command_rejects_a_bad_value_with_exit_2(user_dirs):
     proc = run_config_command(env=dict(os.environ))
     assert proc.returncode == 2
     assert proc.stderr.startswith("mlxkvd: error: kv_bits from file")
+
+
+def test_readme_documents_every_setting():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [flag_name(name) for name in FIELDS if f"`{flag_name(name)} " not in readme]
+    assert not missing, f"README's option table lacks {missing}"
