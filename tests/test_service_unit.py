@@ -7,12 +7,15 @@ for real on a PATH without systemctl, which must still write the unit and then f
 
 from __future__ import annotations
 
+import io
 import os
 import plistlib
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -63,7 +66,9 @@ def key_paths(value, prefix=()) -> set[tuple[str, ...]]:
 
 
 def isolated_env(home: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXKV_", "XDG_"))}
+    # Without XDG_RUNTIME_DIR and a session bus, `systemctl --user` reaches no manager, even on
+    # a desktop: the caller's environment places the unit.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLXKV_", "XDG_", "DBUS_"))}
     return {**env, "HOME": str(home), **extra}
 
 
@@ -116,7 +121,9 @@ def test_unit_has_every_directive(tmp_path):
     assert unit_directives(su.systemd_unit(s)) == {
         "Unit": [("Description", "mlxkv inference daemon (MLX model, per-conversation KV caches)")],
         "Service": [
-            ("Type", "exec"),
+            ("Type", "notify"),
+            ("NotifyAccess", "main"),
+            ("TimeoutStartSec", str(su.START_TIMEOUT_S)),
             ("ExecStart", "/opt/mlxkv/bin/mlxkvd serve --log-level DEBUG"),
             ("Environment", f"MLXKV_SOCKET={tmp_path}/run/mlxkvd.sock"),
             ("Environment", "PATH=/opt/mlxkv/bin:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
@@ -197,6 +204,97 @@ def test_install_plans_for_a_reinstall_restart_the_running_service(tmp_path):
     assert first == su.Run(("launchctl", "bootout", "gui/501/dev.mlxkv.mlxkvd"), must_succeed=False)
 
 
+def test_parse_environment_reads_systemctl_show_environment():
+    # As systemd 252 prints it: plain values as they are, others quoted $'...' with escapes.
+    text = (
+        "HOME=/root\n"
+        "XDG_CONFIG_HOME=$'/home/me/my config'\n"
+        "QUOTED=$'it\\'s\\ta\\nb\\\\c'\n"
+        "EMPTY=\n"
+        "EQUALS=a=b\n"
+        "not a variable\n"
+    )
+    assert su.parse_environment(text) == {
+        "HOME": "/root",
+        "XDG_CONFIG_HOME": "/home/me/my config",
+        "QUOTED": "it's\ta\nb\\c",
+        "EMPTY": "",
+        "EQUALS": "a=b",
+    }
+
+
+def test_plans_put_the_unit_where_the_user_manager_looks(tmp_path):
+    s = spec(tmp_path)
+    shell = {"XDG_CONFIG_HOME": str(tmp_path / "shell-config")}
+    manager = su.parse_environment(f"HOME={tmp_path}\nXDG_CONFIG_HOME={tmp_path}/manager-config\n")
+    unit = tmp_path / "manager-config" / "systemd" / "user" / "mlxkvd.service"
+    assert su.install_plan(su.SYSTEMD, s, uid=501, environ=manager).file == unit
+    assert su.install_plan(su.SYSTEMD, s, uid=501, environ=manager).steps[0] == su.Write(
+        unit, su.systemd_unit(s).encode()
+    )
+    assert su.uninstall_plan(su.SYSTEMD, home=tmp_path, uid=501, environ=manager).steps[1] == su.Remove(unit)
+    # A manager without XDG_CONFIG_HOME looks in ~/.config, whatever the shell exports.
+    default = tmp_path / ".config" / "systemd" / "user" / "mlxkvd.service"
+    assert su.install_plan(su.SYSTEMD, s, uid=501, environ={"HOME": str(tmp_path)}).file == default
+    assert su.uninstall_plan(su.SYSTEMD, home=tmp_path, uid=501, environ={}).file == default
+    # No manager to ask: the caller's environment, as before.
+    assert su.install_plan(su.SYSTEMD, s, uid=501, environ=shell).file == (
+        tmp_path / "shell-config" / "systemd" / "user" / "mlxkvd.service"
+    )
+
+
+def test_manager_environment_is_none_without_systemctl_or_manager(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert su.manager_environment() is None
+    fake = tmp_path / "systemctl"
+    fake.write_text('#!/bin/sh\n[ "$*" = "--user show-environment" ] || exit 9\necho "XDG_CONFIG_HOME=/c"\n')
+    fake.chmod(0o755)
+    assert su.manager_environment() == {"XDG_CONFIG_HOME": "/c"}
+    fake.write_text("#!/bin/sh\necho 'Failed to connect to bus' >&2; exit 1\n")
+    assert su.manager_environment() is None
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    started = time.monotonic()
+    assert su.manager_environment(timeout=0.5) is None
+    assert time.monotonic() - started < 5
+
+
+def test_a_missing_unit_says_the_directory_is_not_searched(tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "systemctl"
+    fake.parent.mkdir()
+    fake.write_text(
+        '#!/bin/sh\ncase "$*" in *enable*) echo "Failed to enable unit: Unit file mlxkvd.service '
+        'does not exist." >&2; exit 1;; esac\n'
+    )
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake.parent))
+    plan = su.install_plan(su.SYSTEMD, spec(tmp_path), uid=501, environ={"HOME": str(tmp_path)})
+    out = io.StringIO()
+    errors = su.perform(plan, out)
+    assert "ran systemctl --user daemon-reload" in out.getvalue()
+    assert "Unit file mlxkvd.service does not exist" in errors[0]
+    assert f"{plan.file.parent} is not in the systemd user manager's unit search path" in errors[-1]
+    assert "Is a systemd user session running" not in errors[-1]
+
+
+def test_notify_sends_datagrams_and_never_raises(tmp_path):
+    assert su.notify("READY=1", environ={}) is False
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(path))
+        assert su.notify("READY=1\nSTATUS=serving", environ={"NOTIFY_SOCKET": str(path)})
+        assert listener.recv(4096) == b"READY=1\nSTATUS=serving"
+    if sys.platform.startswith("linux"):
+        # The abstract namespace: '@' stands for the leading NUL byte.
+        name = f"mlxkv-test-{os.getpid()}"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+            listener.bind("\0" + name)
+            assert su.notify("STOPPING=1", environ={"NOTIFY_SOCKET": "@" + name})
+            assert listener.recv(4096) == b"STOPPING=1"
+    # Nobody listening: reported, not raised.
+    assert su.notify("READY=1", environ={"NOTIFY_SOCKET": str(path)}) is False
+    assert su.notify("READY=1", environ={"NOTIFY_SOCKET": "/" + "x" * 200}) is False
+
+
 def test_install_print_shows_the_unit_and_commands_and_changes_nothing(tmp_path):
     proc = mlxkvd("install", "--print", "--manager", "systemd", env=isolated_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -207,6 +305,36 @@ def test_install_print_shows_the_unit_and_commands_and_changes_nothing(tmp_path)
         "systemctl --user daemon-reload\nsystemctl --user enable --now mlxkvd.service"
     )
     assert sorted(p.name for p in tmp_path.rglob("*")) == []
+
+
+def test_install_and_uninstall_use_the_user_managers_config_home(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    manager_config = tmp_path / "manager config"
+    (bin_dir / "systemctl").write_text(
+        f"#!/bin/sh\n[ \"$*\" = '--user show-environment' ] && echo \"XDG_CONFIG_HOME=$'{manager_config}'\"\n"
+    )
+    (bin_dir / "systemctl").chmod(0o755)
+    env = isolated_env(tmp_path, PATH=str(bin_dir), XDG_CONFIG_HOME=str(tmp_path / "shell"))
+    unit = manager_config / "systemd" / "user" / "mlxkvd.service"
+    proc = mlxkvd("install", "--print", "--manager", "systemd", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0] == (
+        f"mlxkvd: the service reads {manager_config}/mlxkv/mlxkvd.toml (the systemd user manager's "
+        f"XDG_CONFIG_HOME), not {tmp_path}/shell/mlxkv/mlxkvd.toml"
+    )
+    assert f"# write {unit}:" in proc.stdout
+    # A config file named explicitly is passed on: the service reads that one, no note.
+    config = tmp_path / "mine.toml"
+    config.write_text("")
+    explicit = mlxkvd("install", "--print", "--manager", "systemd", "--config", str(config), env=env)
+    assert explicit.returncode == 0, explicit.stderr
+    assert "the service reads" not in explicit.stdout
+    assert f"serve --config {config}\n" in explicit.stdout
+    unit.parent.mkdir(parents=True)
+    unit.write_text("[Unit]\n")
+    proc = mlxkvd("uninstall", "--print", "--manager", "systemd", env=env)
+    assert f"rm -f '{unit}'" in proc.stdout.splitlines()
 
 
 def test_install_print_for_launchd_renders_a_valid_plist(tmp_path):

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from mlxkv.paths import CONFIG_ENV
+from mlxkv.paths import APP_NAME, CONFIG_ENV, CONFIG_NAME, default_config_file
 
 from . import service_unit
 from .config import (
@@ -179,6 +179,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     from .server import create_server
     from .store import CacheStore
 
+    service_unit.notify(f"STATUS=loading {config.model}")
     try:
         runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits)
     except (ModelLoadError, ModelUnavailableError) as exc:
@@ -212,6 +213,9 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     # Another daemon may have won the race for the path between claim() and here.
     server.start()
     log.info("serving %s on unix://%s (pid %d)", runtime.name, socket_path, os.getpid())
+    # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart started:
+    # the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
+    service_unit.notify(f"READY=1\nSTATUS=serving {runtime.name} on {socket_path}")
 
     apply: dict[str, Callable[[Any], None]] = {
         "log_level": lambda level: logging.getLogger().setLevel(level),
@@ -235,6 +239,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
             engine.call(store.expire)
 
     started = time.monotonic()
+    service_unit.notify("STOPPING=1\nSTATUS=stopping")
     health.enter_graceful_shutdown()
     # New turns are refused; in-flight ones get the grace period to finish, then are cancelled.
     engine.stop(grace_s=config.shutdown_grace_s)
@@ -295,15 +300,33 @@ def install(args: argparse.Namespace, config: Config, sources: dict[str, str]) -
     # The default file is found by the service on its own; an explicit one is passed on.
     explicit = args.config is not None or bool(os.environ.get(CONFIG_ENV))
     spec = service_spec(config, sources, config_file_in_use(args) if explicit else None)
-    plan = service_unit.install_plan(args.manager, spec, uid=os.getuid())
+    manager_env = _manager_environment(args.manager)
+    plan = service_unit.install_plan(args.manager, spec, uid=os.getuid(), environ=manager_env)
+    if not explicit and manager_env is not None:
+        service_dir = service_unit.config_home(spec.home, manager_env)
+        if service_dir != service_unit.config_home(spec.home):
+            print(
+                f"mlxkvd: the service reads {service_dir / APP_NAME / CONFIG_NAME} (the systemd user "
+                f"manager's XDG_CONFIG_HOME), not {default_config_file()}"
+            )
     code = _carry_out(plan, args.dry_run)
     if code == 0 and not args.dry_run:
-        print(f"mlxkvd: the service is installed; the daemon listens on {spec.socket}")
+        # systemd (Type=notify) has waited until the daemon serves; launchd starts it and returns.
+        when = "" if args.manager == service_unit.SYSTEMD else " once the model is loaded"
+        print(f"mlxkvd: the service is installed; the daemon listens on {spec.socket}{when}")
     return code
 
 
+def _manager_environment(manager: str) -> dict[str, str] | None:
+    """For systemd, the user manager's environment (its XDG_CONFIG_HOME places the unit); None
+    for launchd, or when systemd cannot be asked: then this shell's environment decides."""
+    return service_unit.manager_environment() if manager == service_unit.SYSTEMD else None
+
+
 def uninstall(args: argparse.Namespace) -> int:
-    plan = service_unit.uninstall_plan(args.manager, home=Path.home(), uid=os.getuid())
+    plan = service_unit.uninstall_plan(
+        args.manager, home=Path.home(), uid=os.getuid(), environ=_manager_environment(args.manager)
+    )
     if not args.dry_run and not plan.file.exists():
         print(f"mlxkvd: not installed ({plan.file} does not exist)")
         return 0

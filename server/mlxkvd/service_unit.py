@@ -5,14 +5,21 @@ Rendering is pure (a ``ServiceSpec`` in, a plist dict or unit text out) so that 
 checked on any platform. Installing is a ``Plan``: the files to write or remove and the
 ``launchctl`` / ``systemctl`` commands to run, in order; ``describe`` prints it (``--print``),
 ``perform`` carries it out.
+
+systemd reads user units from its own ``$XDG_CONFIG_HOME``, which need not be the installing
+shell's: ``manager_environment`` asks the manager, and the plans take that environment.
+``notify`` is the daemon's side of ``Type=notify``: it tells systemd when it serves.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import plistlib
+import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +27,8 @@ from pathlib import Path
 from typing import TextIO
 
 from mlxkv.paths import SOCKET_ENV
+
+log = logging.getLogger(__name__)
 
 LABEL = "dev.mlxkv.mlxkvd"
 UNIT_NAME = "mlxkvd.service"
@@ -33,6 +42,9 @@ THROTTLE_S = 10
 # The service manager's stop timeout (then SIGKILL) = the daemon's shutdown grace for running
 # turns + this margin for closing the server and flushing caches to disk.
 STOP_MARGIN_S = 20
+# systemd's start timeout: the daemon is ready once the model is loaded (minutes for a large
+# model on a slow disk; a first start also converts the default one). A hung start must end.
+START_TIMEOUT_S = 600
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"
 
 
@@ -113,11 +125,16 @@ def render_plist(spec: ServiceSpec) -> bytes:
 # --- systemd ------------------------------------------------------------------------------
 
 
-def systemd_user_dir(home: Path, environ: dict[str, str] | None = None) -> Path:
-    """``$XDG_CONFIG_HOME/systemd/user`` (``~/.config/systemd/user``): systemd's own rule."""
+def config_home(home: Path, environ: dict[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME``, else ``~/.config``."""
     environ = os.environ if environ is None else environ
-    config_home = environ.get("XDG_CONFIG_HOME") or str(home / ".config")
-    return Path(config_home) / "systemd" / "user"
+    return Path(environ.get("XDG_CONFIG_HOME") or home / ".config")
+
+
+def systemd_user_dir(home: Path, environ: dict[str, str] | None = None) -> Path:
+    """``$XDG_CONFIG_HOME/systemd/user`` (``~/.config/systemd/user``): systemd's own rule, applied
+    to the user manager's environment (``manager_environment``), not necessarily this shell's."""
+    return config_home(home, environ) / "systemd" / "user"
 
 
 def unit_path(home: Path, environ: dict[str, str] | None = None) -> Path:
@@ -144,7 +161,11 @@ def systemd_unit(spec: ServiceSpec) -> str:
         "Description=mlxkv inference daemon (MLX model, per-conversation KV caches)",
         "",
         "[Service]",
-        "Type=exec",
+        # Started means serving: the daemon sends READY=1 once its socket listens (``notify``),
+        # so `systemctl --user enable --now` and `restart` return when clients can connect.
+        "Type=notify",
+        "NotifyAccess=main",
+        f"TimeoutStartSec={START_TIMEOUT_S}",
         "ExecStart=" + " ".join(_systemd_word(a) for a in spec.argv),
         *(f"Environment={_systemd_word(f'{k}={v}')}" for k, v in env.items()),
         # `systemctl --user reload mlxkvd` re-reads the config file.
@@ -164,6 +185,70 @@ def systemd_unit(spec: ServiceSpec) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+_ESCAPED = re.compile(r"\\(.)", re.S)
+_UNESCAPE = {"n": "\n", "t": "\t"}
+
+
+def _shell_unquote(value: str) -> str:
+    # systemctl quotes a value that needs it as $'...' (or "..."), with backslash escapes.
+    if len(value) >= 3 and value.startswith("$'") and value.endswith("'"):
+        value = value[2:-1]
+    elif len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    else:
+        return value
+    return _ESCAPED.sub(lambda m: _UNESCAPE.get(m.group(1), m.group(1)), value)
+
+
+def parse_environment(text: str) -> dict[str, str]:
+    """The output of ``systemctl --user show-environment`` (``NAME=value`` lines) as a dict."""
+    environ = {}
+    for line in text.splitlines():
+        name, sep, value = line.partition("=")
+        if sep and name:
+            environ[name] = _shell_unquote(value)
+    return environ
+
+
+def manager_environment(timeout: float = 5.0) -> dict[str, str] | None:
+    """The systemd user manager's environment, which decides where it looks for user units;
+    None when it cannot be asked (no ``systemctl``, no user manager, no answer in time)."""
+    if shutil.which("systemctl") is None:
+        return None
+    try:
+        proc = subprocess.run(
+            ("systemctl", "--user", "show-environment"), capture_output=True, text=True, timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("systemctl --user show-environment: %s", exc)
+        return None
+    if proc.returncode != 0:
+        log.debug("systemctl --user show-environment: %s", proc.stderr.strip())
+        return None
+    return parse_environment(proc.stdout)
+
+
+def notify(state: str, environ: dict[str, str] | None = None) -> bool:
+    """Send sd_notify state lines (``READY=1``, ``STATUS=...``) to ``$NOTIFY_SOCKET``.
+
+    A no-op without that variable (not run by systemd with ``Type=notify``); never raises, since
+    the daemon serves either way. Returns whether the message was sent.
+    """
+    environ = os.environ if environ is None else environ
+    address = environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):  # the abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except (OSError, ValueError) as exc:
+        log.debug("sd_notify to %s failed: %s", environ["NOTIFY_SOCKET"], exc)
+        return False
+    return True
 
 
 # --- plans --------------------------------------------------------------------------------
@@ -268,9 +353,15 @@ class ServiceManagerError(RuntimeError):
     """launchctl or systemctl is missing or failed; the message says what was done and what not."""
 
 
-def _hint(plan: Plan) -> str:
+def _hint(plan: Plan, errors: list[str]) -> str:
     if plan.manager == LAUNCHD:
         return "Run the daemon in a terminal with `mlxkvd serve` instead."
+    if any(f"{UNIT_NAME} does not exist" in e for e in errors):
+        return (
+            f"{plan.file.parent} is not in the systemd user manager's unit search path: it looks "
+            "under its own XDG_CONFIG_HOME (`systemctl --user show-environment`; "
+            "`systemctl --user set-environment XDG_CONFIG_HOME=...` changes it)."
+        )
     return (
         "Is a systemd user session running (`systemctl --user status`; over ssh or in a "
         "container there may be none, see `loginctl enable-linger`)? "
@@ -326,7 +417,7 @@ def perform(plan: Plan, out: TextIO) -> list[str]:
             if not plan.keep_going:
                 break
     if errors and any(isinstance(s, Write) for s in plan.steps):
-        errors.append(f"{plan.file} was written, but the service is not running. {_hint(plan)}")
+        errors.append(f"{plan.file} was written, but the service is not running. {_hint(plan, errors)}")
     elif errors:
         state = "is still there" if plan.file.exists() else "was removed"
         errors.append(f"{plan.file} {state}; the service manager may still know the service.")
