@@ -179,7 +179,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     from .server import create_server
     from .store import CacheStore
 
-    service_unit.notify(f"STATUS=loading {config.model}")
+    service_unit.notify(f"STATUS=loading {config.model or 'the default model'}")
     try:
         runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits)
     except (ModelLoadError, ModelUnavailableError) as exc:
