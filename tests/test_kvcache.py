@@ -196,3 +196,121 @@ def test_store_with_real_caches_round_trips_through_disk(model, ops, tmp_path):
     _, logits = prefill(model, edited[30:], got.cache)
     _, want = prefill(model, edited)
     assert mx.allclose(logits, want, atol=1e-5).item()
+
+
+# ------------------------------------------------------------------------ untrimmable layers
+
+
+@pytest.fixture(scope="module")
+def mamba_model():
+    from mlx_lm.models import mamba
+
+    mx.random.seed(2)
+    m = mamba.Model(mamba.ModelArgs(
+        model_type="mamba", vocab_size=100, hidden_size=32, intermediate_size=64, state_size=8,
+        num_hidden_layers=2, conv_kernel=4, use_bias=False, use_conv_bias=True,
+        time_step_rank=4, tie_word_embeddings=True,
+    ))
+    mx.eval(m.parameters())
+    return m
+
+
+def continue_logits(model, cache, toks):
+    """Logits after feeding ``toks`` one at a time (decode steps, as generation does)."""
+    out = []
+    for t in toks:
+        out.append(next_logits(model, cache, t))
+    return mx.stack(out)
+
+
+def test_recurrent_cache_counts_no_tokens_and_is_copied_whole(mamba_model, ops):
+    cache, _ = prefill(mamba_model, tokens(12))
+    assert [type(c).__name__ for c in cache] == ["ArraysCache", "ArraysCache"]
+    assert ops.num_tokens(cache) is None and not ops.can_trim(cache)
+    assert ops.nbytes(cache) > 0
+    copy = ops.copy_prefix(cache, 12)
+    assert all(c is not s and c.cache[0] is not s.cache[0] for c, s in zip(copy, cache))
+    got = continue_logits(mamba_model, copy, [5, 6, 7])
+    want = continue_logits(mamba_model, prefill(mamba_model, tokens(12))[0], [5, 6, 7])
+    assert mx.allclose(got, want, atol=1e-5).item()
+    # The source did not move on with the copy: it still continues from token 12.
+    assert mx.allclose(continue_logits(mamba_model, cache, [5, 6, 7]), want, atol=1e-5).item()
+
+
+def test_recurrent_cache_round_trips_through_the_store(mamba_model, ops, tmp_path):
+    prompt = tokens(12)
+    cache, _ = prefill(mamba_model, prompt)
+    reference = ops.copy_prefix(cache, 12)
+    store = CacheStore(ops, fingerprint="tiny-mamba", max_bytes=0, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)
+    store.checkin("conv", prompt, cache)  # no token count to check: the store trusts the caller
+    assert store.tier_of("conv") == "disk"
+    store = CacheStore(ops, fingerprint="tiny-mamba", max_bytes=10**9, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)  # a restart
+    got = store.checkout("conv", prompt + [5])
+    assert (got.source, got.cached_tokens) == ("disk", 12)
+    assert [type(c).__name__ for c in got.cache] == ["ArraysCache", "ArraysCache"]
+    assert mx.allclose(continue_logits(mamba_model, got.cache, [5, 6, 7]),
+                       continue_logits(mamba_model, reference, [5, 6, 7]), atol=1e-5).item()
+    # Regenerating from an earlier point cannot rewind a recurrent state: nothing is reused.
+    store.checkin("conv", prompt + [5, 6, 7], got.cache)
+    again = store.checkout("conv", prompt[:8] + [1])
+    assert again.cache is None and "cannot be trimmed" in again.reason
+
+
+def test_recurrent_checkpoint_survives_a_restart_and_resumes_exactly(mamba_model, ops, tmp_path):
+    head, gen_prompt, reply = tokens(10), [90, 91], [4, 5, 6]
+    cache, _ = prefill(mamba_model, head)
+    checkpoint = (head, ops.copy_prefix(cache, len(head)))  # at the turn boundary
+    prefill(mamba_model, gen_prompt + reply, cache)
+    store = CacheStore(ops, fingerprint="tiny-mamba", max_bytes=10**9, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)
+    store.checkin("conv", head + gen_prompt + reply, cache, checkpoint=checkpoint)
+    assert store.flush() == 2 and store.keys() == ["conv"]
+    store = CacheStore(ops, fingerprint="tiny-mamba", max_bytes=10**9, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)
+    got = store.checkout("conv", head + gen_prompt)  # regenerate the reply
+    assert (got.source, got.tier, got.cached_tokens) == ("checkpoint", "disk", len(head))
+    _, logits = prefill(mamba_model, gen_prompt, got.cache)
+    _, want = prefill(mamba_model, head + gen_prompt)
+    assert mx.allclose(logits, want, atol=1e-5).item()
+
+
+def wrapped_rotating_cache(model, n, window=16):
+    cache = [RotatingKVCache(max_size=window, keep=4) for _ in range(LAYERS)]
+    cache, _ = prefill(model, tokens(n), cache)
+    for t in tokens(5, start=60):  # decode steps rotate in place
+        next_logits(model, cache, t)
+    return cache
+
+
+def test_wrapped_rotating_cache_is_not_trimmable_and_copies_whole(model, ops):
+    cache = wrapped_rotating_cache(model, 30)
+    assert all(isinstance(c, RotatingKVCache) for c in cache)
+    assert ops.num_tokens(cache) == 35 and not ops.can_trim(cache)
+    with pytest.raises(ValueError):
+        ops.copy_prefix(cache, 20)
+    copy = ops.copy_prefix(cache, 35)
+    assert all(c.keys is not s.keys and c.max_size == s.max_size for c, s in zip(copy, cache))
+    got = continue_logits(model, copy, [7, 8, 9, 10])
+    want = continue_logits(model, wrapped_rotating_cache(model, 30), [7, 8, 9, 10])
+    assert mx.allclose(got, want, atol=1e-5).item()
+    assert mx.allclose(continue_logits(model, cache, [7, 8, 9, 10]), want, atol=1e-5).item()
+
+
+def test_wrapped_rotating_cache_round_trips_through_the_store(model, ops, tmp_path):
+    cache = wrapped_rotating_cache(model, 30)
+    held = tokens(30) + tokens(5, start=60)
+    store = CacheStore(ops, fingerprint="tiny", max_bytes=0, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)
+    store.checkin("conv", held, cache)
+    store = CacheStore(ops, fingerprint="tiny", max_bytes=10**9, disk_dir=tmp_path,
+                       max_disk_bytes=10**9)
+    got = store.checkout("conv", held + [7])
+    assert (got.source, got.cached_tokens) == ("disk", 35)
+    assert not ops.can_trim(got.cache)
+    want = continue_logits(model, wrapped_rotating_cache(model, 30), [7, 8, 9, 10])
+    assert mx.allclose(continue_logits(model, got.cache, [7, 8, 9, 10]), want, atol=1e-5).item()
+    store.checkin("conv", held, ops.copy_prefix(wrapped_rotating_cache(model, 30), 35))
+    again = store.checkout("conv", held[:20] + [1])
+    assert again.cache is None and "cannot be trimmed" in again.reason

@@ -52,7 +52,8 @@ class FakeOps:
 
     file_suffix = ".json"
 
-    def __init__(self):
+    def __init__(self, *, counts_tokens=True):
+        self.counts_tokens = counts_tokens  # False: like recurrent layers, num_tokens is None
         self.fail_save: Exception | None = None
         self.loads = 0
         self.save_calls = 0  # every attempt, failed or not
@@ -62,7 +63,7 @@ class FakeOps:
         return cache.capacity * BYTES_PER_TOKEN
 
     def num_tokens(self, cache):
-        return len(cache.tokens)
+        return len(cache.tokens) if self.counts_tokens else None
 
     def can_trim(self, cache):
         return cache.trimmable
@@ -381,7 +382,10 @@ def test_spill_restore_and_file_naming(tmp_path):
     assert (got.source, got.tier, got.cached_tokens) == ("disk", "disk", 20)
     assert got.cache.tokens == seq(20)
     # The file stays: a fresh object was read from it, and it is a valid prefix until replaced.
-    assert disk_files(tmp_path) == [file_for(tmp_path, "conv/secret name").name]
+    # The cache in flight counts against the memory budget: "b" went to disk to make room.
+    assert sorted(disk_files(tmp_path)) == sorted(
+        file_for(tmp_path, k).name for k in ("conv/secret name", "b"))
+    assert store.tier_of("b") == "disk"
     assert store.tier_of("conv/secret name") == "disk"
     assert store.tokens_of("conv/secret name") == seq(20)
     assert store.stats()["disk"]["hits"] == 1
@@ -805,7 +809,289 @@ def test_delete_removes_both_tiers(tmp_path):
 
 
 
+# ------------------------------------------------------------------------------ in-flight reservation
+
+CKPT = "\x00checkpoint"  # the internal key of a conversation's checkpoint is key + CKPT
+
+
+def test_reserve_is_reported_and_evicts_lru_until_it_fits(tmp_path):
+    one = alloc(20) * BYTES_PER_TOKEN
+    store = make_store(tmp_path, max_bytes=3 * one)
+    for key, start in (("a", 1), ("b", 100), ("c", 200)):
+        put(store, key, seq(20, start))
+    got = store.checkout("c", seq(21, 200), reserve_bytes=one)
+    assert got.source == "conversation" and got.cache.tokens == seq(20, 200)
+    s = store.stats()["memory"]
+    assert s["in_flight_bytes"] == one and s["bytes"] == 2 * one  # c's own entry left
+    store.reserve(one)  # a checkpoint copy: the least recently used entry goes to disk
+    s = store.stats()["memory"]
+    assert s["in_flight_bytes"] == 2 * one and s["bytes"] + s["in_flight_bytes"] <= 3 * one
+    assert store.tier_of("a") == "disk" and store.tier_of("b") == "memory"
+    got.cache.extend([7])
+    store.checkin("c", seq(20, 200) + [7], got.cache)
+    assert store.stats()["memory"]["in_flight_bytes"] == 0
+    assert store.tier_of("c") == "memory"
+
+
+def test_reserve_larger_than_the_budget_evicts_everything_but_the_turn_gets_its_cache(tmp_path):
+    one = alloc(40) * BYTES_PER_TOKEN
+    store = make_store(tmp_path, max_bytes=2 * one)
+    own = FakeCache(seq(40))
+    store.checkin("a", seq(40), own)
+    put(store, "b", seq(40, 500))
+    got = store.checkout("a", seq(45), reserve_bytes=10 * one)
+    assert got.cache is own and got.cached_tokens == 40 and got.source == "conversation"
+    s = store.stats()["memory"]
+    assert (s["entries"], s["bytes"], s["in_flight_bytes"]) == (0, 0, 10 * one)
+    assert store.tier_of("b") == "disk"  # evicted to disk, not lost
+    got.cache.extend(seq(5, 41))
+    store.checkin("a", seq(45), got.cache)
+    # A shared prefix still comes, from disk, when the reservation empties memory.
+    got = store.checkout("c", seq(30, 500) + [1], reserve_bytes=10 * one)
+    assert (got.source, got.tier, got.cached_tokens) == ("shared_prefix", "disk", 30)
+    assert got.cache.tokens == seq(30, 500)
+    assert store.stats()["memory"]["bytes"] == 0
+    store.checkin("c", seq(30, 500) + [1], FakeCache(seq(30, 500) + [1]))
+    assert store.stats()["memory"]["in_flight_bytes"] == 0
+
+
+def test_reserve_without_disk_tier_drops_with_reason():
+    one = alloc(20) * BYTES_PER_TOKEN
+    store = make_store(max_bytes=2 * one)
+    put(store, "a", seq(20))
+    put(store, "b", seq(20, 100))
+    got = store.checkout("b", seq(21, 100), reserve_bytes=2 * one)
+    assert got.cached_tokens == 20 and got.cache.tokens == seq(20, 100)
+    assert store.tier_of("a") == "none" and store.stats()["memory"]["bytes"] == 0
+    store.release()
+    assert store.checkout("a", seq(21)).reason == "evicted"
+
+
+def test_release_after_a_failed_turn_clears_the_reservation():
+    one = alloc(20) * BYTES_PER_TOKEN
+    store = make_store(max_bytes=2 * one)
+    put(store, "a", seq(20))
+    store.checkout("a", seq(21), reserve_bytes=2 * one)
+    assert store.stats()["memory"]["in_flight_bytes"] == 2 * one
+    store.reserve(one)
+    assert store.stats()["memory"]["in_flight_bytes"] == 3 * one
+    store.release()  # the turn failed: its cache is gone
+    assert store.stats()["memory"]["in_flight_bytes"] == 0
+    # No stale reservation: two entries filling the budget both stay.
+    put(store, "b", seq(20, 100))
+    put(store, "c", seq(20, 200))
+    assert [store.tier_of(k) for k in "bc"] == ["memory", "memory"]
+    assert store.stats()["memory"]["bytes"] == 2 * one
+
+
+def test_resident_bytes_stay_within_budget_when_a_long_disk_cache_is_trimmed(tmp_path):
+    budget = 64 * BYTES_PER_TOKEN
+    store = make_store(tmp_path, max_bytes=budget)
+    put(store, "long", seq(200))  # larger than the memory budget: straight to disk
+    put(store, "other", seq(32, 900))
+    request = seq(20) + [0]
+    reserve = alloc(len(request) + 5) * BYTES_PER_TOKEN  # what the engine reserves: tokens only
+    got = store.checkout("new", request, reserve_bytes=reserve)
+    assert got.source == "shared_prefix" and got.tier == "disk" and got.cached_tokens == 20
+    resident = store.stats()["memory"]["bytes"] + FakeOps().nbytes(got.cache)
+    assert resident <= budget  # 32 + 208 tokens' worth: over the budget of 64
+
+
+# ------------------------------------------------------------------------------ checkpoints
+
+
+def turn_with_checkpoint(store, key, prompt, boundary, reply, reserve_bytes=0):
+    """One engine turn over an untrimmable cache that checks in a checkpoint at ``boundary``."""
+    got = store.checkout(key, prompt, reserve_bytes=reserve_bytes)
+    cache = got.cache if got.cache is not None else FakeCache(trimmable=False)
+    cache.extend(prompt[len(cache.tokens):boundary])
+    ckpt = FakeOps().copy_prefix(cache, boundary)
+    store.reserve(FakeOps().nbytes(ckpt))
+    cache.extend(prompt[boundary:] + reply)
+    store.checkin(key, prompt + reply, cache, checkpoint=(prompt[:boundary], ckpt))
+    return got
+
+
+def test_regenerate_resumes_from_the_checkpoint():
+    store = make_store()
+    prompt = seq(30) + [900, 901]  # history + generation prompt
+    turn_with_checkpoint(store, "a", prompt, 30, [5, 6, 7])
+    assert store.tokens_of("a" + CKPT) == seq(30)
+    got = store.checkout("a", prompt)  # regenerate the reply
+    assert (got.source, got.cached_tokens, got.tier) == ("checkpoint", 30, "memory")
+    assert got.cache.tokens == seq(30) and got.cache.trimmable is False
+    assert "cannot be trimmed" in got.reason and "checkpoint" in got.reason
+    assert store.tokens_of("a") is None  # the conversation's own entry was dropped
+    assert store.tokens_of("a" + CKPT) == seq(30)  # the checkpoint was copied, not taken
+
+
+def test_checkpoint_is_preferred_over_a_shorter_or_equal_shared_prefix():
+    store = make_store(min_shared_prefix=16)
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    turn_with_checkpoint(store, "b", prompt, 30, [5])
+    put(store, "shorter", seq(25), trimmable=False)  # the same kind of model: untrimmable
+    put(store, "equal", seq(30), trimmable=False)
+    hits = store.stats()["shared_prefix_hits"]
+    got = store.checkout("a", prompt)
+    assert (got.source, got.cached_tokens, got.cache.tokens) == ("checkpoint", 30, seq(30))
+    assert store.stats()["shared_prefix_hits"] == hits
+    # A longer shared prefix still wins over the checkpoint.
+    put(store, "longer", prompt + [3], trimmable=False)
+    got = store.checkout("b", prompt + [3, 4])
+    assert (got.source, got.cached_tokens) == ("shared_prefix", 33)
+
+
+def test_checkpoint_shorter_than_min_shared_prefix_is_still_served():
+    store = make_store(min_shared_prefix=16)
+    prompt = seq(5) + [900]
+    turn_with_checkpoint(store, "a", prompt, 5, [8, 9])
+    got = store.checkout("a", prompt)
+    assert (got.source, got.cached_tokens, got.cache.tokens) == ("checkpoint", 5, seq(5))
+
+
+def test_checkpoint_that_is_not_a_prefix_of_the_request_is_not_handed_out():
+    store = make_store()
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    edited = seq(30)
+    edited[12] = 999  # the user edited an earlier message
+    got = store.checkout("a", edited + [900, 901])
+    assert got.cache is None and got.source == "none" and got.cached_tokens == 0
+    assert got.diverged_at == 12 and "cannot be trimmed" in got.reason
+    # The request equal to the checkpoint: at least one token must be left to prefill.
+    got = store.checkout("a", seq(30))
+    assert got.source == "none" and got.cache is None
+
+
+def test_appending_to_an_untrimmable_conversation_uses_its_own_cache():
+    store = make_store()
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    own = store.tokens_of("a")
+    got = store.checkout("a", own + [40, 41, 900, 901])
+    assert (got.source, got.cached_tokens) == ("conversation", len(own))
+
+
+def test_next_checkpoint_replaces_the_previous_one():
+    store = make_store()
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    prompt2 = prompt + [5, 40, 41, 900, 901]
+    turn_with_checkpoint(store, "a", prompt2, len(prompt2) - 2, [6])
+    assert store.tokens_of("a" + CKPT) == prompt2[:-2]
+    assert store.stats()["memory"]["entries"] == 2  # the conversation and one checkpoint
+
+
+def test_checkpoint_is_not_listed_and_delete_removes_it_from_both_tiers(tmp_path):
+    store = make_store(tmp_path)
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    put(store, "b", seq(20, 300))
+    assert store.flush() == 3
+    assert sorted(store.keys()) == ["a", "b"]
+    assert file_tokens(tmp_path, "a" + CKPT) == seq(30)
+    assert store.delete("a") is True
+    assert store.tokens_of("a" + CKPT) is None and store.tier_of("a") == "none"
+    assert disk_files(tmp_path) == [file_for(tmp_path, "b").name]
+    assert crash(tmp_path).tokens_of("a" + CKPT) is None
+
+
+def test_delete_removes_an_orphan_checkpoint(tmp_path):
+    store = make_store(tmp_path)
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    assert store.persist_next() is True  # the checkpoint, checked in first, is the older entry
+    store = crash(tmp_path)  # the conversation's own entry was never written
+    assert store.tier_of("a") == "none" and store.keys() == []
+    assert store.delete("a") is True and disk_files(tmp_path) == []
+
+
+def test_checkpoint_survives_a_restart_and_is_served_from_disk(tmp_path):
+    store = make_store(tmp_path)
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    store.flush()
+    ops = FakeOps()
+    store = make_store(tmp_path, ops=ops)
+    assert store.keys() == ["a"] and store.tier_of("a" + CKPT) == "disk"
+    got = store.checkout("a", prompt)
+    assert (got.source, got.tier, got.cached_tokens) == ("checkpoint", "disk", 30)
+    assert got.cache.tokens == seq(30)
+    assert file_tokens(tmp_path, "a" + CKPT) == seq(30)  # a copy was read; the file stays
+
+
+def test_corrupt_checkpoint_file_is_a_miss_and_is_removed(tmp_path):
+    store = make_store(tmp_path, max_bytes=0)
+    prompt = seq(30) + [900, 901]
+    turn_with_checkpoint(store, "a", prompt, 30, [5])
+    path = file_for(tmp_path, "a" + CKPT)
+    data = json.loads(path.read_text())
+    data["tokens"][3] = 999
+    path.write_text(json.dumps(data))
+    got = store.checkout("a", prompt)
+    assert got.cache is None and got.source == "none" and not path.exists()
+
+
+# ------------------------------------------------------------------------------ spill, num_tokens
+
+
+def test_spill_moves_every_entry_to_disk_and_drops_one_shots(tmp_path):
+    ops = FakeOps()
+    store = make_store(tmp_path, ops=ops)
+    put(store, "a", seq(20))
+    store.flush()  # a is on disk already: spill must not write it again
+    put(store, "b", seq(20, 100))
+    put(store, None, seq(30, 300))
+    turn_with_checkpoint(store, "c", seq(30, 500) + [1], 30, [2])
+    assert store.spill() == 5
+    assert store.stats()["memory"]["entries"] == 0 and store.stats()["memory"]["bytes"] == 0
+    assert [k for k, _ in ops.saved] == ["a", "b", "c" + CKPT, "c"]
+    assert [store.tier_of(k) for k in ("a", "b", "c", "c" + CKPT)] == ["disk"] * 4
+    got = store.checkout("b", seq(21, 100))
+    assert (got.source, got.cached_tokens) == ("disk", 20)
+    assert store.checkout(None, seq(30, 300) + [1]).source == "none"  # the one-shot is gone
+    assert store.spill() == 0
+
+
+def test_spill_keeps_what_cannot_be_written(tmp_path):
+    ops = FakeOps()
+    store = make_store(tmp_path, ops=ops)
+    put(store, "a", seq(20))
+    store.flush()
+    put(store, "b", seq(20, 100))
+    ops.fail_save = OSError(errno.ENOSPC, "No space left on device")
+    assert store.spill() == 1  # a needed no write
+    assert store.tier_of("a") == "disk" and store.tier_of("b") == "memory"
+    assert store.tokens_of("b") == seq(20, 100) and disk_files(tmp_path) == [
+        file_for(tmp_path, "a").name]
+
+
+def test_spill_without_disk_tier_keeps_everything():
+    store = make_store()
+    put(store, "a", seq(20))
+    assert store.spill() == 0 and store.tier_of("a") == "memory"
+
+
+def test_uncounted_tokens_skip_the_token_checks(tmp_path):
+    ops = FakeOps(counts_tokens=False)
+    store = make_store(tmp_path, ops=ops, max_bytes=0)
+    # A recurrent cache does not say how many tokens it holds: the store takes the caller's word.
+    store.checkin("a", seq(20), FakeCache(seq(20), trimmable=False))
+    assert store.tier_of("a") == "disk"
+    got = store.checkout("a", seq(21))
+    assert (got.source, got.cached_tokens) == ("disk", 20)
+    with pytest.raises(ValueError):
+        make_store(ops=FakeOps()).checkin("a", seq(20), FakeCache(seq(19)))
+
+
 # ------------------------------------------------------------------------------ stateful
+
+MIN_SHARED = 8  # the machine's min_shared_prefix
+MAX_NEW = 5  # the most tokens a turn generates (the engine's max_tokens)
+# How a turn reserves: nothing, the engine's bound (prompt + max_tokens, allocated), more than
+# that, more than the whole memory budget.
+RESERVE = st.sampled_from(["none", "bound", "generous", "over_budget"])
 
 
 class StoreMachine(RuleBasedStateMachine):
@@ -815,6 +1101,12 @@ class StoreMachine(RuleBasedStateMachine):
     store over the same directory, no flush) the machine knows exactly which history each
     conversation must come back with: the last one written, which is always one the client
     checked in (never a wrong one), possibly older than its latest.
+
+    Conversations are trimmable or not (sliding-window / recurrent layers); a turn over an
+    untrimmable cache may check in a checkpoint at its turn boundary, tracked under its internal
+    key (``key + CKPT``) in the same write/corruption bookkeeping as conversations. Turns
+    reserve what they will grow to, as the engine does, and the in-flight budget is checked
+    right after ``checkout`` and ``reserve``, while the turn holds its cache.
     """
 
     def __init__(self):
@@ -823,6 +1115,12 @@ class StoreMachine(RuleBasedStateMachine):
         self.dir = None
         self.ref: dict[str, list[int]] = {}  # what the client's last turn checked in
         self.history: dict[str, set[tuple[int, ...]]] = {}  # every history checked in for a key
+        self.kind: dict[str, bool] = {}  # the conversation's fresh caches are trimmable
+        self.last_prompt: dict[str, list[int]] = {}  # the request of its last turn
+        self.ckpt: dict[str, tuple[int, ...]] = {}  # conversation -> checkpoint the store holds
+        self.ckpt_history: dict[str, set[tuple[int, ...]]] = {}
+        self.trimmable: dict[tuple[str, tuple[int, ...]], set[bool]] = {}  # (ikey, tokens)
+        # Keyed by internal key (a conversation's or its checkpoint's):
         self.written: dict[str, tuple[int, ...]] = {}  # the last history written to its file
         self.stale: set[str] = set()  # restored after a crash with an older history than ref
         self.corrupted: set[str] = set()  # keys whose file we damaged (may be lost)
@@ -830,18 +1128,21 @@ class StoreMachine(RuleBasedStateMachine):
         self.dirty: set[str] = set()  # checked in since its last file write
         self.seen_saves = 0
         self.counter = 0
+        self.checkpoint_hits = 0
 
     @initialize(
         data=st.data(),
         max_tokens_in_memory=st.sampled_from([0, 32, 64, 160, 480, 10**6]),
         disk=st.sampled_from(["none", "small", "unbounded", "unbounded"]),
+        counts_tokens=st.booleans(),
     )
-    def setup(self, data, max_tokens_in_memory, disk):
-        self.start(data.draw(st.integers(0, 2**32)), max_tokens_in_memory, disk)
+    def setup(self, data, max_tokens_in_memory, disk, counts_tokens):
+        self.start(data.draw(st.integers(0, 2**32)), max_tokens_in_memory, disk, counts_tokens)
 
-    def start(self, seed, max_tokens_in_memory, disk):
+    def start(self, seed, max_tokens_in_memory, disk, counts_tokens=True):
         import tempfile
 
+        self.ops.counts_tokens = counts_tokens
         self.tmp = tempfile.TemporaryDirectory()
         self.dir = Path(self.tmp.name) if disk != "none" else None
         self.max_bytes = max_tokens_in_memory * BYTES_PER_TOKEN
@@ -862,107 +1163,279 @@ class StoreMachine(RuleBasedStateMachine):
             max_bytes=self.max_bytes,
             disk_dir=self.dir,
             max_disk_bytes=self.max_disk,
-            min_shared_prefix=8,
+            min_shared_prefix=MIN_SHARED,
         )
 
-    def _may_be_lost(self, key):
-        return not self.unbounded_disk or key in self.corrupted
+    # ---------------------------------------------------------------------------- bookkeeping
+
+    def _may_be_lost(self, ikey):
+        return not self.unbounded_disk or ikey in self.corrupted
+
+    def _internal_keys(self):
+        return sorted(self.ref) + sorted(k + CKPT for k in self.ckpt)
+
+    def _is_trimmable(self, ikey, tokens):
+        return all(self.trimmable.get((ikey, tuple(tokens)), {True}))
 
     def _sync_writes(self):
         """Account for the files written since the last call: only resident entries are
-        written, and a resident entry always holds the key's latest history."""
-        for key, tokens in self.ops.saved[self.seen_saves:]:
-            assert key in self.ref and tokens == tuple(self.ref[key])
-            if self.unbounded_disk and key not in self.corrupted:
+        written, and a resident entry always holds the key's latest history (or checkpoint)."""
+        for ikey, tokens in self.ops.saved[self.seen_saves:]:
+            assert not ikey.startswith("\x00anon:")  # one-shot sequences never reach the disk
+            if ikey.endswith(CKPT):
+                assert tokens == self.ckpt.get(ikey[: -len(CKPT)])
+            else:
+                assert ikey in self.ref and tokens == tuple(self.ref[ikey])
+            if self.unbounded_disk and ikey not in self.corrupted:
                 # Its file cannot have gone: writing it again would be a wasted write.
-                assert key in self.dirty
-            self.dirty.discard(key)
-            self.written[key] = tokens
-            self.corrupted.discard(key)  # replaced by a fresh file
+                assert ikey in self.dirty
+            self.dirty.discard(ikey)
+            self.written[ikey] = tokens
+            self.corrupted.discard(ikey)  # replaced by a fresh file
         self.seen_saves = len(self.ops.saved)
 
-    def _forget(self, key):
-        for table in (self.ref, self.history, self.written):
-            table.pop(key, None)
+    def _drop_tracking(self, ikey):
+        self.written.pop(ikey, None)
         for keys in (self.stale, self.corrupted, self.persisted_since_checkin, self.dirty):
-            keys.discard(key)
+            keys.discard(ikey)
 
-    def _turn(self, key, tokens):
-        """One engine turn: checkout, check the handover, prefill the rest, generate, checkin."""
-        before = self.store.tier_of(key)
+    def _forget(self, key):
+        """The conversation's own history is gone (its checkpoint may still be stored)."""
+        for table in (self.ref, self.history, self.last_prompt):
+            table.pop(key, None)
+        self._drop_tracking(key)
+
+    def _forget_checkpoint(self, key):
+        self.ckpt.pop(key, None)
+        self.ckpt_history.pop(key, None)
+        self._drop_tracking(key + CKPT)
+
+    def _reservation(self, tokens, mode, generated=MAX_NEW):
+        bound = alloc(len(tokens) + generated) * BYTES_PER_TOKEN  # the engine's kv_nbytes
+        return {
+            "none": 0,
+            "bound": bound,
+            "generous": bound + self.rng.randrange(1, 4) * STEP * BYTES_PER_TOKEN,
+            "over_budget": self.max_bytes + self.rng.randrange(1, 200) * BYTES_PER_TOKEN,
+        }[mode]
+
+    def _check_in_flight(self, reserved, held_bytes, exact):
+        """The store's view (stored + reserved) and, for an honest reservation, the real one
+        (stored + what the turn holds) stay within the budget whenever the reservation fits."""
+        s = self.store.stats()["memory"]
+        assert s["in_flight_bytes"] == reserved
+        if s["in_flight_bytes"] <= self.max_bytes:
+            assert s["bytes"] + s["in_flight_bytes"] <= self.max_bytes
+            if exact:
+                assert s["bytes"] + held_bytes <= self.max_bytes
+
+    # ---------------------------------------------------------------------------- one turn
+
+    def _lower_bounds(self, key, tokens, reserved):
+        """What the checkout must at least give: (own, best other, checkpoint length)."""
         stored = self.store.tokens_of(key)
-        others = [self.store.tokens_of(k) for k in self.ref if k != key]
-        got = self.store.checkout(key, tokens)
+        own = 0
+        if stored is not None and key not in self.corrupted:
+            lcp = common_prefix_length(stored, tokens)
+            if self._is_trimmable(key, stored):
+                own = min(lcp, len(tokens) - 1)
+            elif lcp == len(stored) < len(tokens):
+                own = len(stored)
+        # Entries the reservation evicts are lost without an unbounded disk tier.
+        if reserved and not self.unbounded_disk:
+            return stored, own, 0, None
+        best = 0
+        for k in self.ref:
+            other = self.store.tokens_of(k) if k != key else None
+            if other is None or k in self.corrupted:
+                continue
+            lcp = common_prefix_length(other, tokens)
+            if self._is_trimmable(k, other):
+                best = max(best, min(lcp, len(tokens) - 1))
+            elif lcp == len(other) < len(tokens):
+                best = max(best, len(other))
+        ckpt = self.store.tokens_of(key + CKPT)
+        if ckpt is not None and (key + CKPT in self.corrupted
+                                 or not len(ckpt) < len(tokens) == len(tokens)
+                                 or tokens[: len(ckpt)] != ckpt):
+            ckpt = None
+        return stored, own, best if best >= MIN_SHARED else 0, ckpt
+
+    def _turn(self, key, tokens, reserve="none", fail=False):
+        """One engine turn: checkout with a reservation, check the handover, prefill (taking a
+        checkpoint at the turn boundary of an untrimmable cache), generate, checkin. ``fail``:
+        the turn fails after the checkout and releases its reservation instead."""
+        tokens = list(tokens)
+        reserved = self._reservation(tokens, reserve)
+        honest = reserve in ("bound", "generous")
+        stored, own, best, ckpt = self._lower_bounds(key, tokens, reserved)
+        checkpoint_before = self.store.tokens_of(key + CKPT)
+
+        got = self.store.checkout(key, tokens, reserve_bytes=reserved)
+
         assert 0 <= got.cached_tokens <= len(tokens) - 1
-        cache = got.cache if got.cache is not None else FakeCache()
+        cache = got.cache if got.cache is not None else FakeCache(trimmable=self.kind[key])
         assert cache.tokens == tokens[: got.cached_tokens]
         if got.cache is None:
             assert got.cached_tokens == 0 and got.source == "none"
-        if before != "none" and key not in self.corrupted:
-            own = min(common_prefix_length(stored, tokens), len(tokens) - 1)
-            assert got.cached_tokens >= own
-        clean = [o for k, o in zip([k for k in self.ref if k != key], others)
-                 if o is not None and k not in self.corrupted]
-        best = max((min(common_prefix_length(o, tokens), len(tokens) - 1) for o in clean),
-                   default=0)
-        if best >= 8:
-            assert got.cached_tokens >= best
-        full = tokens + [self.rng.randrange(50) for _ in range(self.rng.randrange(1, 6))]
-        cache.extend(full[len(cache.tokens):])
-        self.store.checkin(key, full, cache)
-        self.ref[key] = full
-        self.history.setdefault(key, set()).add(tuple(full))
-        self.stale.discard(key)
-        self.persisted_since_checkin.discard(key)
-        self.dirty.add(key)
-        self._sync_writes()
+        assert got.cached_tokens >= max(own, best, len(ckpt) if ckpt is not None else 0)
+        if got.source in ("conversation", "disk"):
+            assert stored is not None and got.cached_tokens <= common_prefix_length(stored, tokens)
+            if not self._is_trimmable(key, stored):
+                assert got.cached_tokens == len(stored)  # an untrimmable cache only whole
+        elif got.source == "shared_prefix":
+            assert got.cached_tokens >= MIN_SHARED
+        elif got.source == "checkpoint":
+            self.checkpoint_hits += 1
+            assert tuple(cache.tokens) == tuple(checkpoint_before or ())
+            assert "checkpoint" in got.reason and not cache.trimmable
+        if ckpt is not None and got.cached_tokens == len(ckpt) and got.source not in (
+                "conversation", "disk"):
+            assert got.source == "checkpoint"  # preferred over an equal shared prefix
+        held = self.ops.nbytes(cache) if got.cache is not None else 0
+        # A handed-out cache larger than the reservation (a trimmed cache keeps its
+        # allocation) raises the reservation to its size.
+        reserved = max(reserved, held)
+        self._check_in_flight(reserved, held, honest)
 
-    @rule(n=st.integers(1, 30), shared=st.booleans())
-    def new_conversation(self, n, shared):
+        if fail:
+            self._sync_writes()
+            self.store.release()
+            assert self.store.stats()["memory"]["in_flight_bytes"] == 0
+            return got
+
+        full = tokens + [self.rng.randrange(50) for _ in range(self.rng.randrange(1, MAX_NEW + 1))]
+        checkpoint = None
+        start = max(got.cached_tokens, 1)
+        if not cache.trimmable and start < len(tokens) and self.rng.random() < 0.7:
+            # The turn boundary: where the generation prompt (1-3 tokens) starts.
+            boundary = max(start, len(tokens) - self.rng.randrange(1, 4))
+            cache.extend(tokens[len(cache.tokens):boundary])
+            checkpoint = (tokens[:boundary], self.ops.copy_prefix(cache, boundary))
+            extra = self.ops.nbytes(checkpoint[1])
+            self.store.reserve(extra)
+            reserved += extra
+            self._check_in_flight(reserved, self.ops.nbytes(cache) + extra, honest)
+        cache.extend(full[len(cache.tokens):])
+        if honest:  # the engine's bound holds for what the turn grew to
+            assert alloc(len(full)) * BYTES_PER_TOKEN <= reserved
+        self._check_in_flight(
+            reserved, self.ops.nbytes(cache) + (extra if checkpoint else 0), honest)
+
+        self._sync_writes()  # evictions so far wrote entries as the model knows them
+        self.store.checkin(key, full, cache, checkpoint=checkpoint)
+
+        assert self.store.stats()["memory"]["in_flight_bytes"] == 0
+        self.ref[key] = full
+        self.last_prompt[key] = tokens
+        self.history.setdefault(key, set()).add(tuple(full))
+        self.trimmable.setdefault((key, tuple(full)), set()).add(cache.trimmable)
+        touched = [key]
+        if checkpoint is not None:
+            ck = tuple(checkpoint[0])
+            self.ckpt[key] = ck
+            self.ckpt_history.setdefault(key, set()).add(ck)
+            self.trimmable.setdefault((key + CKPT, ck), set()).add(False)
+            touched.append(key + CKPT)
+        for ikey in touched:
+            self.stale.discard(ikey)
+            self.persisted_since_checkin.discard(ikey)
+            self.dirty.add(ikey)
+        self._sync_writes()
+        return got
+
+    # ---------------------------------------------------------------------------- rules
+
+    @rule(n=st.integers(1, 30), shared=st.booleans(), trimmable=st.booleans(), reserve=RESERVE)
+    def new_conversation(self, n, shared, trimmable, reserve):
         self.counter += 1
         key = f"c{self.counter}"
+        self.kind[key] = trimmable
         head = self.rng.choice(self.systems) if shared else []
-        self._turn(key, head + [self.rng.randrange(50) for _ in range(n)])
+        self._turn(key, head + [self.rng.randrange(50) for _ in range(n)], reserve)
+
+    def _pick(self):
+        return self.rng.choice(sorted(self.ref))
 
     @precondition(lambda self: self.ref)
-    @rule(n=st.integers(1, 30))
-    def append(self, n):
-        key = self.rng.choice(sorted(self.ref))
-        self._turn(key, self.ref[key] + [self.rng.randrange(50) for _ in range(n)])
+    @rule(n=st.integers(1, 30), reserve=RESERVE)
+    def append(self, n, reserve):
+        key = self._pick()
+        self._turn(key, self.ref[key] + [self.rng.randrange(50) for _ in range(n)], reserve)
 
     @precondition(lambda self: self.ref)
-    @rule()
-    def edit(self):
-        key = self.rng.choice(sorted(self.ref))
+    @rule(reserve=RESERVE)
+    def edit(self, reserve):
+        key = self._pick()
         tokens = list(self.ref[key])
         tokens[self.rng.randrange(len(tokens))] = 50 + self.rng.randrange(50)
-        self._turn(key, tokens + [1])
+        self._turn(key, tokens + [1], reserve)
 
     @precondition(lambda self: self.ref)
-    @rule()
-    def regenerate(self):
-        key = self.rng.choice(sorted(self.ref))
+    @rule(reserve=RESERVE)
+    def regenerate(self, reserve):
+        key = self._pick()
         tokens = self.ref[key]
-        self._turn(key, tokens[: self.rng.randrange(1, len(tokens) + 1)])
+        self._turn(key, tokens[: self.rng.randrange(1, len(tokens) + 1)], reserve)
+
+    @precondition(lambda self: self.last_prompt)
+    @rule(reserve=RESERVE, edit_last=st.booleans())
+    def regenerate_reply(self, reserve, edit_last):
+        """The same request as the last turn (regenerate its reply), or with the last user
+        message rewritten (a divergence near the turn boundary)."""
+        key = self.rng.choice(sorted(self.last_prompt))
+        tokens = list(self.last_prompt[key])
+        if edit_last:
+            cut = self.rng.randrange(len(tokens))
+            tokens = tokens[:cut] + [50 + self.rng.randrange(50), 1]
+        got = self._turn(key, tokens, reserve)
+        ckpt = self.ckpt.get(key)
+        if not self._is_trimmable(key, self.ref[key]) and got.source == "checkpoint":
+            assert ckpt is not None and got.cached_tokens <= len(ckpt)
 
     @precondition(lambda self: self.ref)
+    @rule(reserve=RESERVE)
+    def failed_turn(self, reserve):
+        """A turn that fails after its checkout: the cache it took is dropped."""
+        key = self._pick()
+        self._turn(key, self.ref[key] + [self.rng.randrange(50)], reserve, fail=True)
+        held = self.store.tokens_of(key)  # what is left: an older file, if any
+        self.dirty.discard(key)
+        self.persisted_since_checkin.discard(key)
+        if held is None:
+            self._forget(key)
+        else:
+            assert self.store.tier_of(key) == "disk" and tuple(held) in self.history[key]
+            if held != self.ref[key]:
+                self.stale.add(key)
+        self._sync_writes()
+
+    @precondition(lambda self: self.ref or self.ckpt)
     @rule()
     def delete(self):
-        key = self.rng.choice(sorted(self.ref))
-        had = self.store.tier_of(key) != "none"
+        key = self.rng.choice(sorted(set(self.ref) | set(self.ckpt)))
+        had = self.store.tier_of(key) != "none" or self.store.tokens_of(key + CKPT) is not None
         assert self.store.delete(key) == had
         self._forget(key)
-        assert self.store.tier_of(key) == "none"
+        self._forget_checkpoint(key)
+        assert self.store.tier_of(key) == "none" and self.store.tokens_of(key + CKPT) is None
+        assert key not in self.store.keys()
         if self.dir is not None:
             assert not file_for(self.dir, key).exists()
+            assert not file_for(self.dir, key + CKPT).exists()
 
-    @rule(n=st.integers(1, 30))
-    def one_shot(self, n):
+    @rule(n=st.integers(1, 30), reserve=RESERVE)
+    def one_shot(self, n, reserve):
         tokens = self.rng.choice(self.systems) + [self.rng.randrange(50) for _ in range(n)]
-        got = self.store.checkout(None, tokens)
+        reserved = self._reservation(tokens, reserve, generated=0)
+        got = self.store.checkout(None, tokens, reserve_bytes=reserved)
         cache = got.cache if got.cache is not None else FakeCache()
         assert cache.tokens == tokens[: got.cached_tokens]
         assert got.cached_tokens <= len(tokens) - 1
+        assert got.source in ("none", "shared_prefix", "checkpoint")
+        held = self.ops.nbytes(cache) if got.cache is not None else 0
+        honest = reserve in ("bound", "generous")
+        self._check_in_flight(max(reserved, held), held, honest)
         cache.extend(tokens[len(cache.tokens):])
         self.store.checkin(None, tokens, cache)
         self._sync_writes()
@@ -973,14 +1446,14 @@ class StoreMachine(RuleBasedStateMachine):
         self.store.set_memory_budget(self.max_bytes)
         self._sync_writes()
 
-    @precondition(lambda self: self.dir is not None and self.ref)
+    @precondition(lambda self: self.dir is not None and (self.ref or self.ckpt))
     @rule(n=st.integers(1, 6))
     def persist(self, n):
         """The engine is idle for a while: a few write-behind steps."""
         exhausted = False
         for _ in range(n):
             before = len(self.ops.saved)
-            resident = {k for k in self.ref if self.store.tier_of(k) == "memory"}
+            resident = {k for k in self._internal_keys() if self.store.tier_of(k) == "memory"}
             wrote = self.store.persist_next()
             new = self.ops.saved[before:]
             if not wrote:
@@ -995,11 +1468,49 @@ class StoreMachine(RuleBasedStateMachine):
             self.persisted_since_checkin.add(key)
             self._sync_writes()
         if exhausted:
-            for key in self.ref:
+            for key in self._internal_keys():
                 if self.store.tier_of(key) == "memory":
                     assert self.dir is None or key in self.persisted_since_checkin
                     if self.unbounded_disk:
-                        assert self.written.get(key) == tuple(self.ref[key])
+                        assert self.written.get(key) == tuple(self.store.tokens_of(key))
+
+    @precondition(lambda self: self.dir is not None)
+    @rule(fail=st.booleans())
+    def spill(self, fail):
+        """The model is unloaded: every memory entry goes to disk (``fail``: no write works)."""
+        resident = {k: self.store.tokens_of(k) for k in self._internal_keys()
+                    if self.store.tier_of(k) == "memory"}
+        before = len(self.ops.saved)
+        if fail:
+            self.ops.fail_save = OSError(errno.ENOSPC, "No space left on device")
+        try:
+            moved = self.store.spill()
+        finally:
+            self.ops.fail_save = None
+        written = {k for k, _ in self.ops.saved[before:]}
+        stayed = {k for k in resident if self.store.tier_of(k) == "memory"}
+        # Memory holds only entries that could not be written: no one-shot, nothing else.
+        assert self.store.stats()["memory"]["entries"] == len(stayed)
+        assert moved >= len(resident) - len(stayed)
+        for key, tokens in resident.items():
+            assert self.store.tokens_of(key) in (tokens, None)
+            if key in stayed:
+                if not fail:  # written, then removed: larger than the whole disk budget
+                    assert key in written and not file_for(self.dir, key).exists()
+            elif self.unbounded_disk:
+                assert self.store.tier_of(key) == "disk"
+        if fail:
+            assert written == set()
+        self._sync_writes()
+        if fail or not self.unbounded_disk:
+            return
+        # Every conversation is served from disk on its next turn.
+        for key in sorted(self.ref)[:3]:
+            if key in self.corrupted or key in self.stale:
+                continue
+            stored = self.ref[key]
+            got = self._turn(key, stored + [self.rng.randrange(50)])
+            assert (got.source, got.tier, got.cached_tokens) == ("disk", "disk", len(stored))
 
     def _reopen(self):
         """A new store over the same directory; check what came back against what was written."""
@@ -1018,8 +1529,21 @@ class StoreMachine(RuleBasedStateMachine):
                 self._forget(key)  # the client resyncs with a full history next time
             elif held != self.ref[key]:
                 self.stale.add(key)  # the client still has (and sends) its full history
+        for key in sorted(self.ckpt):
+            held = self.store.tokens_of(key + CKPT)
+            if held is not None:
+                assert self.store.tier_of(key + CKPT) == "disk"
+                assert tuple(held) in self.ckpt_history[key]
+            if self.unbounded_disk and key + CKPT not in self.corrupted:
+                want = self.written.get(key + CKPT)
+                assert held == (list(want) if want is not None else None)
+            if held is None:
+                self._forget_checkpoint(key)
+            else:
+                self.ckpt[key] = tuple(held)
+        assert set(self.store.keys()) == set(self.ref)
 
-    @precondition(lambda self: self.ref)
+    @precondition(lambda self: self.ref or self.ckpt)
     @rule()
     def restart(self):
         """A graceful restart: flush, then a new store."""
@@ -1029,9 +1553,12 @@ class StoreMachine(RuleBasedStateMachine):
             for key in self.ref:
                 if key not in self.stale:
                     assert self.written.get(key) == tuple(self.ref[key])
+            for key, ck in self.ckpt.items():
+                if key + CKPT not in self.corrupted and self.store.tier_of(key + CKPT) != "none":
+                    assert self.written.get(key + CKPT) == tuple(self.store.tokens_of(key + CKPT))
         self._reopen()
 
-    @precondition(lambda self: self.ref)
+    @precondition(lambda self: self.ref or self.ckpt)
     @rule()
     def crash(self):
         """SIGKILL between turns: no flush, memory lost."""
@@ -1040,10 +1567,10 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.dir is not None)
     @rule(truncate=st.booleans())
     def corrupt_a_file(self, truncate):
-        on_disk = [k for k in self.ref if file_for(self.dir, k).exists()]
+        on_disk = [k for k in self._internal_keys() if file_for(self.dir, k).exists()]
         if not on_disk:
             return
-        key = self.rng.choice(sorted(on_disk))
+        key = self.rng.choice(on_disk)
         path = file_for(self.dir, key)
         raw = bytearray(path.read_bytes())
         if truncate:
@@ -1054,11 +1581,14 @@ class StoreMachine(RuleBasedStateMachine):
         path.write_bytes(bytes(raw))
         self.corrupted.add(key)
 
+    # ---------------------------------------------------------------------------- invariants
+
     @invariant()
     def budgets_hold(self):
         if not hasattr(self, "store"):
             return
         s = self.store.stats()
+        assert s["memory"]["in_flight_bytes"] == 0  # nothing is checked out between turns
         assert s["memory"]["bytes"] <= self.max_bytes
         assert s["disk"]["bytes"] <= self.max_disk
         if self.dir is not None:
@@ -1082,8 +1612,12 @@ class StoreMachine(RuleBasedStateMachine):
             key = data["metadata"]["key"]
             assert path.name == file_for(self.dir, key).name
             assert json.loads(data["metadata"]["tokens"]) == data["tokens"]
-            assert key in self.ref and tuple(data["tokens"]) == self.written[key]
-            assert tuple(data["tokens"]) in self.history[key]
+            assert tuple(data["tokens"]) == self.written[key]
+            if key.endswith(CKPT):
+                assert tuple(data["tokens"]) in self.ckpt_history[key[: -len(CKPT)]]
+                assert data["trimmable"] is False
+            else:
+                assert key in self.ref and tuple(data["tokens"]) in self.history[key]
 
     @invariant()
     def histories_are_kept(self):
@@ -1098,6 +1632,20 @@ class StoreMachine(RuleBasedStateMachine):
                 assert tuple(held) in self.history[key]
             else:
                 assert held == tokens
+        for key, ck in self.ckpt.items():
+            held = self.store.tokens_of(key + CKPT)
+            if held is None:
+                assert self._may_be_lost(key + CKPT)
+            else:
+                assert tuple(held) == ck
+
+    @invariant()
+    def keys_are_the_stored_conversations(self):
+        if not hasattr(self, "store"):
+            return
+        keys = self.store.keys()
+        assert len(keys) == len(set(keys)) and not [k for k in keys if "\x00" in k]
+        assert set(keys) == {k for k in self.ref if self.store.tokens_of(k) is not None}
 
 
 TestStoreMachine = StoreMachine.TestCase
@@ -1111,40 +1659,53 @@ TestStoreMachine.settings = settings(
 
 def test_long_random_sessions_with_idle_writes_and_crashes():
     """The machine's rules and invariants, driven by a seeded RNG with weights that hypothesis
-    does not give: long sessions in which turns, idle write-behind and crashes interleave."""
+    does not give: long sessions in which turns, idle write-behind, spills and crashes
+    interleave."""
     weights = {
-        "new_conversation": 3, "append": 6, "edit": 1, "regenerate": 1, "delete": 1,
-        "one_shot": 1, "evict": 1, "persist": 4, "crash": 2, "restart": 1, "corrupt_a_file": 1,
+        "new_conversation": 3, "append": 6, "edit": 1, "regenerate": 1, "regenerate_reply": 2,
+        "failed_turn": 1, "delete": 1, "one_shot": 1, "evict": 1, "persist": 4, "spill": 1,
+        "crash": 2, "restart": 1, "corrupt_a_file": 1,
     }
+    modes = ["none", "bound", "generous", "over_budget"]
     names, w = list(weights), list(weights.values())
-    stale_restores = 0
+    stale_restores = checkpoint_hits = 0
     for seed in range(40):
         rng = random.Random(seed)
         m = StoreMachine()
-        m.start(seed, rng.choice([64, 160, 480, 10**6]), rng.choice(["small", "unbounded"]))
+        m.start(seed, rng.choice([64, 160, 480, 10**6]), rng.choice(["small", "unbounded"]),
+                counts_tokens=rng.random() < 0.7)
+        args = {
+            "new_conversation": lambda: dict(n=rng.randrange(1, 31), shared=rng.random() < 0.5,
+                                             trimmable=rng.random() < 0.5),
+            "append": lambda: dict(n=rng.randrange(1, 31)),
+            "one_shot": lambda: dict(n=rng.randrange(1, 31)),
+            "regenerate_reply": lambda: dict(edit_last=rng.random() < 0.3),
+            "evict": lambda: dict(tokens=rng.choice([0, 32, 64, 160])),
+            "persist": lambda: dict(n=rng.randrange(1, 7)),
+            "spill": lambda: dict(fail=rng.random() < 0.2),
+            "corrupt_a_file": lambda: dict(truncate=rng.random() < 0.5),
+        }
+        takes_reserve = {"new_conversation", "append", "edit", "regenerate", "regenerate_reply",
+                         "failed_turn", "one_shot"}
         try:
             for _ in range(60):
                 name = rng.choices(names, w)[0]
-                if name not in ("new_conversation", "one_shot", "evict") and not m.ref:
+                if name not in ("new_conversation", "one_shot", "evict", "spill") and not m.ref:
                     name = "new_conversation"
-                rule_fn = getattr(m, name)
-                if name in ("new_conversation", "append", "one_shot"):
-                    rule_fn(rng.randrange(1, 31), **({"shared": rng.random() < 0.5}
-                                                     if name == "new_conversation" else {}))
-                elif name == "evict":
-                    rule_fn(rng.choice([0, 32, 64, 160]))
-                elif name == "persist":
-                    rule_fn(rng.randrange(1, 7))
-                elif name == "corrupt_a_file":
-                    rule_fn(rng.random() < 0.5)
-                else:
-                    rule_fn()
+                if name == "regenerate_reply" and not m.last_prompt:
+                    name = "append"
+                kwargs = args.get(name, dict)()
+                if name in takes_reserve:
+                    kwargs["reserve"] = rng.choice(modes)
+                getattr(m, name)(**kwargs)
                 if name == "crash":
                     stale_restores += len(m.stale)
                 m.budgets_hold()
                 m.files_hold_histories_of_their_key()
                 m.histories_are_kept()
+                m.keys_are_the_stored_conversations()
+            checkpoint_hits += m.checkpoint_hits
         finally:
             m.teardown()
     assert stale_restores > 0  # the interesting case (an older prefix came back) did happen
-
+    assert checkpoint_hits > 0  # and so did a regenerate resumed from a checkpoint

@@ -252,6 +252,10 @@ class CacheStore:
             if shared.source == "checkpoint":
                 shared.reason += f"; resumed from its turn-boundary checkpoint ({shared.cached_tokens} tokens)"
             result = shared
+        if result.cache is not None and self._ops.nbytes(result.cache) > self._reserved:
+            # A cache keeps its allocation when trimmed (a long file, a shorter request).
+            self._reserved = self._ops.nbytes(result.cache)
+            self._enforce_memory_budget()
         self._count(result)
         return result
 
@@ -450,6 +454,9 @@ class CacheStore:
             dentry = self._disk.get(key)
             if dentry is None:
                 return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
+            plan = _plan(dentry.tokens, tokens, dentry.trimmable) if tokens else None
+            if plan is not None and plan.reusable == 0:  # not worth reading the file
+                return Lookup(None, 0, "none", plan.reason, plan.diverged_at)
             # A fresh object read from the file: the file stays, a valid prefix until replaced.
             cache = self._load_disk(key, dentry)
             if cache is None:
@@ -461,9 +468,12 @@ class CacheStore:
         plan = _plan(entry.tokens, tokens, self._ops.can_trim(entry.cache))
         if plan.reusable == 0:  # nothing left worth handing over; the entry is dropped
             return Lookup(None, 0, "none", plan.reason, plan.diverged_at)
-        if plan.needs_trim:
-            self._ops.trim(entry.cache, len(entry.tokens) - plan.reusable)
-        return Lookup(entry.cache, plan.reusable, source, plan.reason, plan.diverged_at, tier)
+        cache = entry.cache
+        if tier == "disk":
+            cache = self._fit(cache, len(entry.tokens), plan.reusable)
+        elif plan.needs_trim:
+            self._ops.trim(cache, len(entry.tokens) - plan.reusable)
+        return Lookup(cache, plan.reusable, source, plan.reason, plan.diverged_at, tier)
 
     def _take_shared(
         self,
@@ -508,13 +518,21 @@ class CacheStore:
                 log.warning("cannot copy a shared prefix of %d tokens: %s", cand.reusable, e)
                 return None
         dentry = self._disk[cand.key]
-        cache = self._load_disk(cand.key, dentry)  # a fresh object: trim it, no copy needed
+        cache = self._load_disk(cand.key, dentry)  # a fresh object: no copy needed
         if cache is not None:
             dentry.last_used = self._clock()
-            extra = len(dentry.tokens) - cand.reusable
-            if extra:
-                self._ops.trim(cache, extra)
+            cache = self._fit(cache, len(dentry.tokens), cand.reusable)
         return cache
+
+    def _fit(self, cache, held: int, n: int):
+        """A cache loaded from disk, cut to its first ``n`` of ``held`` tokens. Trimming keeps
+        the allocation of all ``held``, so a large cut is copied instead: a long file must not
+        hold memory for tokens nobody uses."""
+        if held - n <= n:
+            if held > n:
+                self._ops.trim(cache, held - n)
+            return cache
+        return self._ops.copy_prefix(cache, n)
 
     def _count(self, lookup: Lookup) -> None:
         if lookup.tier == "memory":
