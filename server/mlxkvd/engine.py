@@ -166,7 +166,9 @@ class Engine:
 
         def task() -> None:
             try:
-                future.set_result(fn())
+                result = fn()
+                self._refresh_snapshot()  # a status right after the call sees its effect
+                future.set_result(result)
             except BaseException as exc:  # noqa: BLE001 - handed back to the caller
                 future.set_exception(exc)
 
@@ -282,6 +284,7 @@ class Engine:
         except Exception:  # noqa: BLE001 - unloading must not stop the engine
             log.exception("moving caches to the disk tier before unloading failed")
             moved = 0
+        self._refresh_snapshot()  # the caches' new places, before the status says "not loaded"
         self.runtime.unload()
         log.info("idle for %.0f s: model unloaded, %d caches moved to disk", self.idle_unload_s, moved)
         self._refresh_snapshot()
@@ -329,6 +332,7 @@ class Engine:
         key = None if turn.one_shot else plan.conversation_id
         # The cache this turn grows counts against the memory budget from the start.
         lookup = self.store.checkout(key, prompt, reserve_bytes=rt.kv_nbytes(len(prompt) + max_tokens))
+        self._refresh_snapshot()  # the status shows the reservation while the turn runs
         cache = lookup.cache if lookup.cache is not None else rt.make_cache()
         cached = lookup.cached_tokens
         reason = lookup.reason
@@ -363,6 +367,7 @@ class Engine:
                 if target == boundary:
                     checkpoint = (prompt[:held], self._ops.copy_prefix(cache, held))
                     self.store.reserve(self._ops.nbytes(checkpoint[1]))
+                    self._refresh_snapshot()
             for token in rt.generate(prompt[held:], cache, max_tokens=max_tokens, sampling=sampling):
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
