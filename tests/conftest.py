@@ -30,6 +30,23 @@ def model_dir(cache_dir) -> Path:
     return ensure_default_model(cache_dir)
 
 
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy, and return that; AssertionError
+    after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not reached within {timeout} s")
+
+
+def tier(status, name: str):
+    """The named cache tier ("memory" or "disk") of a Status."""
+    return next(t for t in status.cache_tiers if t.name == name)
+
+
 def wait_healthy(socket_path: Path, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Reference
+from conftest import Reference, tier, wait_for
 
 from mlxkv import Client
 
@@ -43,22 +43,8 @@ TINY_MAMBA = dict(
 )
 
 
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
-
-
 def history_of(turn) -> int:
     return turn.prompt_tokens + turn.completion_tokens
-
-
-def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not reached within {timeout} s")
 
 
 def write_tiny_mamba(directory: Path, tokenizer_dir: Path, seed: int) -> None:

@@ -4,7 +4,6 @@ and a second turn of a busy conversation is refused without harming it (issue #6
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
+from conftest import tier, wait_for
 
 from mlxkv import Client, Conversation
 
@@ -19,20 +19,6 @@ CONVERSATION_BYTES = 256 * KV_BYTES_PER_TOKEN
 
 def history_of(turn) -> int:
     return turn.prompt_tokens + turn.completion_tokens
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not reached in time")
-
-
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
 
 
 def test_twenty_conversations_with_room_for_three(make_daemon, reference, tmp_path):

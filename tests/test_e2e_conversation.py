@@ -8,8 +8,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import grpc
-import pytest
 
 from mlxkv import Client
 

@@ -12,11 +12,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
-import pytest
-from conftest import Daemon, wait_healthy
+from conftest import Daemon, tier, wait_healthy
 
 from mlxkv import Client
 
@@ -24,20 +22,6 @@ MAX_TOKENS = 8
 SYSTEM = "You are a terse assistant. Reply with a few words."
 # float32 KV of SmolLM2-135M, allocated 256 tokens at a time: one short conversation.
 CONVERSATION_BYTES = 256 * 30 * 2 * 3 * 64 * 4
-
-
-def wait_for(predicate, timeout: float = 120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
-
-
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
 
 
 def kv_file(cache: Path, fingerprint: str, conversation_id: str) -> Path:

@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from conftest import tier, wait_for
 
 from mlxkv import Client
 
@@ -20,22 +21,8 @@ SYSTEM = "You are a terse assistant. Reply with a few words."
 MIN_RSS_DROP = 200 * 1024**2
 
 
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
-
-
 def history_of(turn) -> int:
     return turn.prompt_tokens + turn.completion_tokens
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not reached within {timeout} s")
 
 
 def unloaded_status(client: Client):

@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from conftest import tier, wait_for
 
 from mlxkv import Client
 from mlxkv.v1 import inference_pb2 as pb
@@ -22,20 +23,6 @@ SYSTEM = "You are a terse assistant. Reply with a few words."
 KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 4
 CONVERSATION_BYTES = 256 * KV_BYTES_PER_TOKEN
 PREFILL_STEP = 512  # mlxkvd.runtime.PREFILL_STEP: a cancel is seen between chunks of this size
-
-
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"condition not reached within {timeout} s")
 
 
 def test_the_turn_in_flight_counts_against_the_memory_budget(make_daemon, tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+from conftest import tier
+
 from mlxkv import Client
 
 CONVERSATIONS = 20
@@ -19,10 +21,6 @@ MEMORY_BUDGET = 3 * 512 * KV_BYTES_PER_TOKEN
 DISK_BUDGET = 64 * 1024 * 1024
 MARGIN = 150 * 1024 * 1024
 CHECK_EVERY = 25  # turns compared with the no-cache reference
-
-
-def tier(status, name):
-    return next(t for t in status.cache_tiers if t.name == name)
 
 
 def test_soak_rss_stays_within_budgets(make_daemon, reference, tmp_path):
