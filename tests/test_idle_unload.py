@@ -40,6 +40,16 @@ def assert_stays_loaded(client: Client, seconds: float) -> None:
         time.sleep(0.5)
 
 
+def assert_next_turn_reloads_from_disk(client, conv, first, reference):
+    """The next turn loads the model again and reuses the whole history from the disk tier,
+    with the no-cache reference's output."""
+    second = conv.send("Name another one.", max_tokens=MAX_TOKENS)
+    assert second.cache_source == "disk", second.cache_miss_reason
+    assert second.cached_tokens == history_of(first)
+    assert second.token_ids == reference.generate(conv.messages[:-1], MAX_TOKENS)
+    assert client.status().model_loaded
+
+
 def test_idle_daemon_unloads_and_the_next_turn_reloads_from_disk(make_daemon, reference, tmp_path):
     daemon = make_daemon("--idle-unload-s", "3", cache=tmp_path / "cache")
     with Client(daemon.socket) as client:
@@ -58,11 +68,7 @@ def test_idle_daemon_unloads_and_the_next_turn_reloads_from_disk(make_daemon, re
         assert drop > MIN_RSS_DROP, f"RSS went from {loaded.rss_bytes} to {unloaded.rss_bytes}"
         assert "model unloaded, 1 caches moved to disk" in daemon.log()
 
-        second = conv.send("Name another one.", max_tokens=MAX_TOKENS)
-        assert second.cache_source == "disk", second.cache_miss_reason
-        assert second.cached_tokens == history_of(first)
-        assert second.token_ids == reference.generate(conv.messages[:-1], MAX_TOKENS)
-        assert client.status().model_loaded
+        assert_next_turn_reloads_from_disk(client, conv, first, reference)
 
 
 def test_default_never_unloads(shared_daemon):
@@ -89,8 +95,4 @@ def test_sighup_turns_idle_unload_on(make_daemon, reference, tmp_path):
         assert tier(unloaded, "memory").entries == 0
         assert "config reloaded: idle_unload_s 0.0 -> 2.0" in daemon.log()
 
-        second = conv.send("Name another one.", max_tokens=MAX_TOKENS)
-        assert second.cache_source == "disk", second.cache_miss_reason
-        assert second.cached_tokens == history_of(first)
-        assert second.token_ids == reference.generate(conv.messages[:-1], MAX_TOKENS)
-        assert client.status().model_loaded
+        assert_next_turn_reloads_from_disk(client, conv, first, reference)
