@@ -191,4 +191,4 @@ def test_mlxkv_status_without_a_daemon_prints_the_hint_and_exits_2(tmp_path):
     )
     assert proc.returncode == 2
     assert f"no mlxkv daemon is answering at {missing} (no socket file)" in proc.stderr
-    assert "start one with `mlxkvd serve`, or `mlxkvd install`" in proc.stderr
+    assert "start one with `mlxkvd serve` (or let `mlxkv --start` do it), or `mlxkvd install`" in proc.stderr

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 MLXKV = [sys.executable, "-m", "mlxkv.cli"]
 
 
-def run(args: list[str], tmp_path: Path, stdin: str | None = None) -> subprocess.CompletedProcess:
+def run(args: list[str], tmp_path: Path, stdin: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     env = {
         **os.environ,
         "MLXKV_CONFIG": "",
         # The CLI keeps transcripts under the user data dir: keep them in the test's tree.
         "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
         "HOME": str(tmp_path / "home"),
+        **(env or {}),
     }
     return subprocess.run(
         MLXKV + args, input=stdin, capture_output=True, text=True, timeout=300, env=env
@@ -64,3 +71,32 @@ def test_status_table_and_json(shared_daemon, tmp_path):
     as_json = json.loads(run(["--socket", str(shared_daemon.socket), "status", "--json"], tmp_path).stdout)
     assert as_json["backend"] == "cpu"
     assert as_json["weightsDtype"] == "float32"
+
+
+def test_start_launches_a_daemon_that_stays(tmp_path, cache_dir):
+    sock = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "started.sock"
+    base = ["--socket", str(sock), "--start"]
+    env = {"MLXKV_CACHE_DIR": str(cache_dir)}
+    pid = None
+    try:
+        first = run(base + ["ask", "--max-tokens", "4", "Say hi."], tmp_path, env=env)
+        started = re.search(r"started mlxkvd \(pid (\d+)\) on (\S+),", first.stderr)
+        assert started, first.stderr
+        pid = int(started.group(1))
+        assert started.group(2) == str(sock)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.strip()
+
+        # The daemon outlived the client; the next `--start` finds it and starts nothing.
+        second = run(base + ["status", "--json"], tmp_path, env=env)
+        assert second.returncode == 0, second.stderr
+        assert "started mlxkvd" not in second.stderr
+        assert json.loads(second.stdout)["requests"] == "1"  # uint64 is a string in JSON
+        log = next((tmp_path / "state").rglob("mlxkvd.log")).read_text()
+        assert f"on unix://{sock}" in log
+    finally:
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+                time.sleep(0.2)

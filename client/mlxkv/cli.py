@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -18,11 +19,15 @@ from typing import Any, TextIO
 import platformdirs
 from google.protobuf import json_format
 
+from mlxkv.autostart import DaemonNotInstalledError, start_daemon
 from mlxkv.client import Client, Conversation, DaemonUnavailableError, MlxkvError, NotFoundError, Turn
 
 EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 2
 EXIT_INTERRUPTED = 130
+# How long `--start` waits for a daemon it started: converting the default model the first
+# time and loading it take tens of seconds on a slow machine.
+START_TIMEOUT_S = 300.0
 
 CACHE_SOURCE_LABELS = {
     "none": "no cache",
@@ -358,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the daemon's socket (default: $MLXKV_SOCKET or the per-user default)")
     common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS,
                         help="log the client's protocol decisions to stderr")
+    common.add_argument("--start", action="store_true", default=argparse.SUPPRESS,
+                        help="when no daemon answers, start `mlxkvd serve` in the background "
+                             "(it keeps running) and wait for it")
 
     parser = argparse.ArgumentParser(prog="mlxkv", parents=[common],
                                      description="Talk to the mlxkv inference daemon.")
@@ -397,6 +405,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[Client, argparse.Namespace], int] = args.func
     try:
         with Client(getattr(args, "socket", None)) as client:
+            if getattr(args, "start", False):
+                ensure_daemon(client)
             return func(client, args)
     except DaemonUnavailableError as err:
         return _fail(str(err), EXIT_UNAVAILABLE)
@@ -414,6 +424,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the exit-time flush
         return EXIT_ERROR
+
+
+def ensure_daemon(client: Client, timeout: float = START_TIMEOUT_S) -> None:
+    """Start a daemon on the client's socket unless one answers, and wait until it serves."""
+    try:
+        client.status()  # fails fast when nothing answers
+        return
+    except DaemonUnavailableError:
+        pass
+    try:
+        proc, log = start_daemon(client.socket_path)
+    except DaemonNotInstalledError as err:
+        raise CliError(str(err), EXIT_UNAVAILABLE) from None
+    print(f"mlxkv: started mlxkvd (pid {proc.pid}) on {client.socket_path}, loading the model; "
+          f"log: {log}", file=sys.stderr)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.wait_ready(timeout=1.0)
+            return
+        except DaemonUnavailableError:
+            if proc.poll() is not None:
+                raise CliError(f"mlxkvd exited with code {proc.returncode} before serving; "
+                               f"see {log}", EXIT_UNAVAILABLE) from None
+            if time.monotonic() >= deadline:
+                raise CliError(f"mlxkvd (pid {proc.pid}) is not serving after {timeout:g} s; "
+                               f"see {log}", EXIT_UNAVAILABLE) from None
 
 
 def _fail(message: str, code: int) -> int:

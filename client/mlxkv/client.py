@@ -31,7 +31,10 @@ from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-START_HINT = "start one with `mlxkvd serve`, or `mlxkvd install` to run it as a background service"
+START_HINT = (
+    "start one with `mlxkvd serve` (or let `mlxkv --start` do it), or `mlxkvd install` to run "
+    "it as a background service"
+)
 
 # A local socket is cheap to retry: keep gRPC's reconnect backoff short (its default grows
 # to two minutes), so that a restarted daemon is found within a second.
