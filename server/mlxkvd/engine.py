@@ -25,7 +25,7 @@ from typing import Any, Callable
 from .conversations import ConversationRegistry, TurnPlan
 from .errors import ContextOverflowError, MlxkvError, ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
-from .runtime import ModelRuntime, Sampling
+from .runtime import PREFILL_STEP, ModelRuntime, Sampling
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -355,12 +355,11 @@ class Engine:
         detok = rt.tokenizer.detokenizer
         eos = rt.eos_token_ids
         try:
-            # Prefill all but the last prompt token in chunks that a cancel can stop between;
-            # generate() feeds the last one and samples.
+            # Prefill in chunks that a cancel can stop between, up to the last chunk, which
+            # generate() feeds in the same forward pass that samples the first token.
             boundary = self._turn_boundary(plan, prompt, cached) if key is not None else None
-            for target in (boundary, len(prompt) - 1):
-                if target is None:
-                    continue
+            last_chunk = max(held, len(prompt) - PREFILL_STEP)
+            for target in sorted({last_chunk} | ({boundary} if boundary is not None else set())):
                 held += rt.prefill(prompt[held:target], cache, turn.cancelled)
                 if held < target:
                     raise TurnCancelledError("the client cancelled the turn")
