@@ -30,7 +30,7 @@ def daemon_command() -> list[str]:
         return [str(beside)]
     found = shutil.which(DAEMON)
     if found:
-        return [found]
+        return [str(Path(found).absolute())]
     raise DaemonNotInstalledError(
         f"`{DAEMON}` is not installed here; install the daemon with "
         "`pip install 'mlxkv[server]'` (see README.md)"

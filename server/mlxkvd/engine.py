@@ -227,9 +227,9 @@ class Engine:
                     self._last_turn_at = time.monotonic()
                     with self._active_lock:
                         self._active -= 1
+                self._refresh_snapshot()
             else:
-                item()
-            self._refresh_snapshot()
+                item()  # engine.call tasks refresh the snapshot themselves
         try:
             flushed = self.store.flush()
             log.info("flushed %d cache entries to disk", flushed)
@@ -287,7 +287,6 @@ class Engine:
         self._refresh_snapshot()  # the caches' new places, before the status says "not loaded"
         self.runtime.unload()
         log.info("idle for %.0f s: model unloaded, %d caches moved to disk", self.idle_unload_s, moved)
-        self._refresh_snapshot()
 
     def _refresh_snapshot(self) -> None:
         keys = [r.conversation_id for r in self.registry.list()]

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from mlxkv.autostart import DaemonNotInstalledError, daemon_command
 from mlxkv.paths import SOCKET_ENV
 
 log = logging.getLogger(__name__)
@@ -55,14 +56,10 @@ def default_manager() -> str:
 def daemon_executable() -> list[str]:
     """The absolute command that runs ``mlxkvd``: the script next to this Python (the venv's),
     else the one on PATH, else ``python -m mlxkvd``."""
-    # Not resolved: a venv's python is a symlink, and its bin/ is the directory we want.
-    beside = Path(sys.executable).absolute().parent / "mlxkvd"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return [str(beside)]
-    found = shutil.which("mlxkvd")
-    if found:
-        return [str(Path(found).absolute())]
-    return [str(Path(sys.executable).absolute()), "-m", "mlxkvd"]
+    try:
+        return daemon_command()
+    except DaemonNotInstalledError:  # running from a source tree: no script installed
+        return [str(Path(sys.executable).absolute()), "-m", "mlxkvd"]
 
 
 @dataclass(frozen=True)

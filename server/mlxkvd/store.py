@@ -272,11 +272,9 @@ class CacheStore:
             return 0
         moved = 0
         for key, entry in list(reversed(self._mem.items())):  # least recently used first
-            if not _is_anonymous(key) and not (entry.persisted and key in self._disk):
-                if not self._write_disk(key, entry):
-                    continue
-            self._pop_memory(key)
-            moved += 1
+            if _is_anonymous(key) or self._on_disk(key, entry):
+                self._pop_memory(key)
+                moved += 1
         return moved
 
     def release(self) -> None:
@@ -449,31 +447,31 @@ class CacheStore:
 
     def _take_own(self, key: str, tokens: tuple[int, ...]) -> Lookup:
         """Remove ``key``'s own entry from whichever tier holds it and trim it for ``tokens``."""
-        entry, source, tier = self._pop_memory(key), "conversation", "memory"
-        if entry is None:
+        entry = self._pop_memory(key)
+        if entry is not None:
+            stored, trimmable = entry.tokens, self._ops.can_trim(entry.cache)
+        else:
             dentry = self._disk.get(key)
             if dentry is None:
                 return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
-            plan = _plan(dentry.tokens, tokens, dentry.trimmable) if tokens else None
-            if plan is not None and plan.reusable == 0:  # not worth reading the file
-                return Lookup(None, 0, "none", plan.reason, plan.diverged_at)
-            # A fresh object read from the file: the file stays, a valid prefix until replaced.
-            cache = self._load_disk(key, dentry)
-            if cache is None:
-                return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
-            dentry.last_used = self._clock()
-            entry, source, tier = _Entry(dentry.tokens, cache, 0, 0.0), "disk", "disk"
+            stored, trimmable = dentry.tokens, dentry.trimmable
         if not tokens:
-            return Lookup(None, 0, "none", f"request ends at token 0 of {len(entry.tokens)}", 0)
-        plan = _plan(entry.tokens, tokens, self._ops.can_trim(entry.cache))
-        if plan.reusable == 0:  # nothing left worth handing over; the entry is dropped
+            return Lookup(None, 0, "none", f"request ends at token 0 of {len(stored)}", 0)
+        plan = _plan(stored, tokens, trimmable)
+        if plan.reusable == 0:  # nothing worth handing over (nor a file worth reading)
             return Lookup(None, 0, "none", plan.reason, plan.diverged_at)
-        cache = entry.cache
-        if tier == "disk":
-            cache = self._fit(cache, len(entry.tokens), plan.reusable)
-        elif plan.needs_trim:
-            self._ops.trim(cache, len(entry.tokens) - plan.reusable)
-        return Lookup(cache, plan.reusable, source, plan.reason, plan.diverged_at, tier)
+        if entry is not None:
+            if plan.needs_trim:
+                self._ops.trim(entry.cache, len(stored) - plan.reusable)
+            return Lookup(entry.cache, plan.reusable, "conversation", plan.reason,
+                          plan.diverged_at, "memory")
+        # A fresh object read from the file: the file stays, a valid prefix until replaced.
+        cache = self._load_disk(key, dentry)
+        if cache is None:
+            return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
+        dentry.last_used = self._clock()
+        cache = self._fit(cache, len(stored), plan.reusable)
+        return Lookup(cache, plan.reusable, "disk", plan.reason, plan.diverged_at, "disk")
 
     def _take_shared(
         self,
@@ -575,14 +573,20 @@ class CacheStore:
     def _evict(self, key: str, entry: _Entry) -> bool:
         """Move an entry out of memory: to disk if there is a disk tier, else drop it.
         True if it went to disk. One-shot entries are never written."""
+        if self._on_disk(key, entry):
+            return True
+        if not _is_anonymous(key):
+            self._gone[key] = "evicted"
+        return False
+
+    def _on_disk(self, key: str, entry: _Entry) -> bool:
+        """Make sure the disk tier holds ``entry`` (writing it if need be); False if it cannot
+        (no disk tier, a failed write, a one-shot entry)."""
         if _is_anonymous(key):
             return False
         if entry.persisted and key in self._disk:
             return True
-        if self._disk_dir is not None and self._write_disk(key, entry):
-            return True
-        self._gone[key] = "evicted"
-        return False
+        return self._disk_dir is not None and self._write_disk(key, entry)
 
     def _anonymous_key(self, tokens: tuple[int, ...]) -> str:
         return _ANON_PREFIX + hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
