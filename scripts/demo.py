@@ -69,6 +69,9 @@ def main() -> int:
                 )
             saved = client.status().tokens_saved
             print(f"{saved} prompt tokens were reused instead of prefilled again.")
+            # Leave no cache behind on disk: a second run would start from this one's prefix
+            # (the disk tier outlives the daemon) and show less of the accounting above.
+            client.delete_conversation(conversation.conversation_id)
         return 0
     finally:
         daemon.send_signal(signal.SIGTERM)
