@@ -7,14 +7,20 @@ loader reads LD_PRELOAD only at process start, hence a re-exec of the same comma
 ``cmeel-openblas`` (PyPI) ships a plain-named ``libopenblas.so.0`` that needs
 ``libgfortran.so.5``; when the system has none, the copy bundled in the ``mlx[cpu]`` wheel is
 exposed under that name in a private directory put on LD_LIBRARY_PATH.
+
+Some builds of that wheel target one CPU family only (0.3.31: AVX-512, which kills the
+process with SIGILL elsewhere), so the library is tried once in a child process on this
+machine before it is preloaded; the verdict is kept beside the shim.
 """
 
 from __future__ import annotations
 
 import ctypes.util
 import glob
+import hashlib
 import logging
 import os
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -74,16 +80,58 @@ def preload_env(cache_root: Path, environ: dict[str, str] | None = None) -> dict
     blas = openblas_path()
     if blas is None:
         return None
+    shim = _gfortran_shim_dir(cache_root)
+    if not _runs_here(blas, shim, cache_root):
+        return None
     preload = environ.get("LD_PRELOAD", "")
     if str(blas) not in preload.split():
         environ["LD_PRELOAD"] = f"{blas} {preload}".strip()
-    shim = _gfortran_shim_dir(cache_root)
     if shim is not None:
         paths = environ.get("LD_LIBRARY_PATH", "")
         if str(shim) not in paths.split(":"):
             environ["LD_LIBRARY_PATH"] = f"{shim}:{paths}".rstrip(":")
     environ[_MARKER] = "1"
     return environ
+
+
+# One single-precision matmul through the library, large enough for its blocked kernels.
+_PROBE = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+n = 256
+F = ctypes.c_float * (n * n)
+a, b, c = F(*([1.0] * (n * n))), F(*([1.0] * (n * n))), F()
+lib.cblas_sgemm.argtypes = [ctypes.c_int] * 6 + [ctypes.c_float, F, ctypes.c_int, F, ctypes.c_int,
+                                                ctypes.c_float, F, ctypes.c_int]
+lib.cblas_sgemm(101, 111, 111, n, n, n, 1.0, a, n, b, n, 0.0, c, n)
+sys.exit(0 if c[0] == n else 1)
+"""
+
+
+def _runs_here(blas: Path, shim: Path | None, cache_root: Path) -> bool:
+    """Whether ``blas`` runs on this CPU: tried once in a child process, the verdict cached."""
+    st = blas.stat()
+    key = hashlib.sha256(f"{blas}:{st.st_size}:{st.st_mtime_ns}:{os.uname().machine}".encode())
+    verdict = cache_root / "blas-shim" / f"probe-{key.hexdigest()[:16]}"
+    if verdict.is_file():
+        return verdict.read_text().strip() == "ok"
+    env = dict(os.environ)
+    if shim is not None:
+        env["LD_LIBRARY_PATH"] = f"{shim}:{env.get('LD_LIBRARY_PATH', '')}".rstrip(":")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _PROBE, str(blas)], env=env, timeout=60,
+                              capture_output=True)
+        ok = proc.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if not ok:
+        log.warning("%s does not run on this CPU; MLX uses its reference BLAS", blas)
+    try:
+        verdict.parent.mkdir(parents=True, exist_ok=True)
+        verdict.write_text("ok\n" if ok else "fails\n")
+    except OSError:
+        pass
+    return ok
 
 
 def ensure_preloaded(cache_root: Path) -> None:
