@@ -35,7 +35,7 @@ def main() -> int:
     for bits in (0, 8, 4):
         runtime = load_runtime(None, cache_root, kv_bits=bits)
         text = "The quick brown fox jumps over the lazy dog. " * (args.tokens // 8)
-        prompt = runtime.render([{"role": "user", "content": text}])[: args.tokens]
+        prompt = runtime.renderer.render([{"role": "user", "content": text}]).ids[: args.tokens]
         cache = runtime.make_cache()
         # One generated token: prefill everything, then quantize (mlx-lm does it per step).
         next(runtime.generate(prompt, cache, max_tokens=1, sampling=Sampling()))

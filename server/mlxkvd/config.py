@@ -54,6 +54,19 @@ def parse_size(text: str | int) -> int:
     return int(number * scale)
 
 
+# gRPC keeps message limits in a signed 32-bit int; a limit under a few KiB would refuse even
+# a health check. Requests are bounded to this range.
+MIN_MESSAGE_BYTES = 64 * 1024
+MAX_MESSAGE_BYTES = 1024**3
+
+
+def _message_size(value: Any) -> int:
+    size = parse_size(value)
+    if not MIN_MESSAGE_BYTES <= size <= MAX_MESSAGE_BYTES:
+        raise ValueError(f"max-message-bytes must be between 64KiB and 1GiB, got {value!r}")
+    return size
+
+
 def _path(value: Any) -> Path:
     if not isinstance(value, (str, os.PathLike)):
         raise ValueError(f"expected a path, got {value!r}")
@@ -179,8 +192,14 @@ class Config:
         "S",
         reload=True,
     )
+    max_conversations: int = _setting(
+        "conversations remembered; beyond that the least recently used is forgotten, caches too",
+        _positive_int,
+        10_000,
+        "N",
+    )
     max_message_bytes: int = _setting(
-        "largest gRPC request accepted", parse_size, 16 * 1024**2, "SIZE"
+        "largest gRPC request accepted (64KiB to 1GiB)", _message_size, 16 * 1024**2, "SIZE"
     )
     shutdown_grace_s: float = _setting(
         "on SIGTERM, how long running turns may go on before they are cancelled",

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConversationBusyError, ConversationNotFoundError, StaleRevisionError
+from .prompt import Prompt
 
 Message = dict[str, Any]
 
 # How long a new turn waits for a cancelled turn of the same conversation to wind down (one
 # decode step, or its place in the engine's queue) before it is refused as busy.
 CANCELLED_TURN_WAIT_S = 60.0
+# Conversations remembered at most; beyond that the least recently used one is forgotten
+# (with its caches). Its client resends the history if it comes back.
+DEFAULT_MAX_CONVERSATIONS = 10_000
 
 
 @dataclass
@@ -29,6 +34,8 @@ class ConversationRecord:
     revision: int = 0
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    # The last turn's rendered prompt: the next turn tokenizes only what differs from it.
+    prompt: Prompt | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -37,6 +44,7 @@ class _Claim:
 
     plan: "TurnPlan"
     cancelled: bool = False
+    deleted: bool = False  # the conversation was deleted while the turn ran: do not commit
 
 
 @dataclass(frozen=True)
@@ -47,14 +55,17 @@ class TurnPlan:
     messages: list[Message]
     tools: list[dict[str, Any]]
     base_revision: int
+    previous_prompt: Prompt | None = None
 
 
 class ConversationRegistry:
-    def __init__(self) -> None:
+    def __init__(self, max_conversations: int = DEFAULT_MAX_CONVERSATIONS) -> None:
+        self.max_conversations = max_conversations
         self._lock = threading.Lock()
         self._released = threading.Condition(self._lock)
-        self._records: dict[str, ConversationRecord] = {}
+        self._records: OrderedDict[str, ConversationRecord] = OrderedDict()  # least recent first
         self._busy: dict[str, _Claim] = {}
+        self._forgotten: list[str] = []  # evicted records whose caches are still to be dropped
 
     def begin_turn(
         self,
@@ -83,10 +94,10 @@ class ConversationRegistry:
                     )
                 self._released.wait(remaining)
             record = self._records.get(conversation_id)
+            previous = record.prompt if record is not None else None
             if reset:
-                plan = TurnPlan(conversation_id, list(messages), list(tools), base_revision=0)
-                if record is not None:
-                    plan = TurnPlan(conversation_id, list(messages), list(tools), record.revision)
+                revision = record.revision if record is not None else 0
+                plan = TurnPlan(conversation_id, list(messages), list(tools), revision, previous)
             elif record is None:
                 raise StaleRevisionError(
                     f"unknown conversation {conversation_id!r}: resend the history with reset"
@@ -102,21 +113,32 @@ class ConversationRegistry:
                     record.messages + list(messages),
                     list(tools) if tools else list(record.tools),
                     record.revision,
+                    previous,
                 )
             self._busy[conversation_id] = _Claim(plan)
             return plan
 
-    def commit_turn(self, plan: TurnPlan, reply: Message) -> int:
-        """Record a completed turn; returns the new revision."""
+    def commit_turn(self, plan: TurnPlan, reply: Message, prompt: Prompt | None = None) -> int:
+        """Record a completed turn (``prompt``: what it rendered); returns the new revision.
+        Raises ConversationNotFoundError if the conversation was deleted during the turn."""
         with self._lock:
+            claim = self._busy.get(plan.conversation_id)
             self._release(plan)
+            if claim is not None and claim.plan is plan and claim.deleted:
+                raise ConversationNotFoundError(
+                    f"conversation {plan.conversation_id!r} was deleted while this turn ran; "
+                    "nothing was kept"
+                )
             record = self._records.get(plan.conversation_id)
             if record is None:
                 record = self._records[plan.conversation_id] = ConversationRecord(
                     plan.conversation_id
                 )
+                self._evict_over_capacity()
+            self._records.move_to_end(plan.conversation_id)
             record.messages = plan.messages + [reply]
             record.tools = plan.tools
+            record.prompt = prompt
             record.revision = max(record.revision, plan.base_revision) + 1
             record.updated_at = time.time()
             return record.revision
@@ -152,9 +174,28 @@ class ConversationRegistry:
             return [ConversationRecord(**vars(r)) for r in self._records.values()]
 
     def delete(self, conversation_id: str) -> None:
+        """Forget a conversation; a turn of it in flight will not be committed."""
         with self._lock:
-            if self._records.pop(conversation_id, None) is None:
+            claim = self._busy.get(conversation_id)
+            if claim is not None:
+                claim.deleted = True
+            if self._records.pop(conversation_id, None) is None and claim is None:
                 raise ConversationNotFoundError(f"no conversation {conversation_id!r}")
+
+    def pop_forgotten(self) -> list[str]:
+        """Conversations evicted to stay within ``max_conversations`` since the last call:
+        their caches are to be dropped."""
+        with self._lock:
+            forgotten, self._forgotten = self._forgotten, []
+            return forgotten
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._records) > self.max_conversations:
+            victim = next((k for k in self._records if k not in self._busy), None)
+            if victim is None:
+                return
+            del self._records[victim]
+            self._forgotten.append(victim)
 
     def __len__(self) -> int:
         with self._lock:

@@ -37,6 +37,7 @@ from .config import (
 
 log = logging.getLogger("mlxkvd")
 
+EXIT_ENGINE = 1  # the engine thread died: a restart brings the daemon back
 EXIT_USAGE = 2
 EXIT_SOCKET = 3  # the socket path cannot be used: too long, not a socket, a live daemon on it
 EXIT_MODEL = 4
@@ -199,9 +200,10 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     engine = Engine(
         runtime,
         store,
-        ConversationRegistry(),
+        ConversationRegistry(config.max_conversations),
         write_behind_delay_s=config.write_behind_delay_s,
         idle_unload_s=config.idle_unload_s,
+        cache_ttl_s=config.cache_ttl_s,
     )
     engine.start()
     server, health, service = create_server(
@@ -219,9 +221,9 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
 
     apply: dict[str, Callable[[Any], None]] = {
         "log_level": lambda level: logging.getLogger().setLevel(level),
-        "max_cache_bytes": lambda n: engine.call(lambda: store.set_memory_budget(n)),
+        "max_cache_bytes": engine.set_memory_budget,
         "default_max_tokens": lambda n: setattr(service, "default_max_tokens", n),
-        "cache_ttl_s": lambda s: engine.call(lambda: store.set_ttl(s or None)),
+        "cache_ttl_s": engine.set_cache_ttl,
         "idle_unload_s": engine.set_idle_unload,
     }
     assert set(apply) == RELOADABLE, "every reloadable setting needs a way to apply it"
@@ -235,8 +237,9 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
             else:
                 log.info("received SIGHUP, reloading the configuration")
                 config = reload_config(config, load, apply)
-        if config.cache_ttl_s and not signals.stop:
-            engine.call(store.expire)
+        if not engine.alive:
+            log.critical("stopping: the engine died (see above); the service manager restarts the daemon")
+            break
 
     started = time.monotonic()
     service_unit.notify("STOPPING=1\nSTATUS=stopping")
@@ -246,7 +249,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     server.stop(grace=1.0).wait()
     release(socket_path)
     log.info("stopped in %.1f s", time.monotonic() - started)
-    return 0
+    return 0 if engine.alive else EXIT_ENGINE
 
 
 # --- install / uninstall ------------------------------------------------------------------

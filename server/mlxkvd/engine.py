@@ -1,18 +1,24 @@
 """The engine: the one thread that runs MLX.
 
-gRPC handler threads submit a ``Turn`` and read its event queue; they never touch the model
-or the caches. Each turn renders the conversation, checks out the longest cached prefix from
-the store, prefills the rest, streams tokens, and checks the cache back in. A turn whose
+gRPC handler threads submit a ``Turn`` (rendered and tokenized by the turns layer) and read
+its event queue; they never touch the model or the caches. Each turn checks out the longest
+cached prefix of its prompt from the store, prefills the rest, streams tokens, and checks the
+cache back in. A turn whose
 client went away stops within one prefill chunk or one decode step.
 
-Idle time is used in two stages: once nothing has been queued for ``write_behind_delay_s``,
+Idle time is used in stages: once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so a client that sends
-its next turn right away never waits for a write; after ``idle_unload_s`` without a turn
-(0: never) the weights and the resident caches leave memory, and the next turn loads them.
+its next turn right away never waits for a write; caches unused for ``cache_ttl_s`` are
+forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
+caches leave memory, and the next turn loads them.
+
+Nothing submitted is ever left waiting: a turn or task that arrives while the engine stops,
+or after its thread died, fails with ``ShuttingDownError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -23,9 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .conversations import ConversationRegistry, TurnPlan
-from .errors import ContextOverflowError, MlxkvError, ShuttingDownError, TurnCancelledError
+from .errors import MlxkvError, ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
-from .runtime import PREFILL_STEP, ModelRuntime, Sampling
+from .prompt import Prompt, ReplyDecoder
+from .runtime import ModelRuntime, Sampling
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +40,17 @@ log = logging.getLogger(__name__)
 # How long the engine waits, idle, before writing caches behind to disk. Long enough for a
 # script's or a benchmark's next turn, short against a person reading a reply.
 DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
+# How often an idle engine looks for caches past their TTL.
+TTL_CHECK_S = 1.0
 _EMPTY = object()
+
+
+@dataclass
+class _Task:
+    """A function to run on the engine thread; ``future`` (if any) gets its result."""
+
+    fn: Callable[[], Any]
+    future: Future | None = None
 
 
 # Events a turn emits, in order: Started, then Text*, then Finished or Failed.
@@ -73,13 +90,16 @@ class Failed:
 
 @dataclass
 class Turn:
-    """One submitted assistant turn. ``conversation_id`` empty means one-shot."""
+    """One submitted assistant turn. ``conversation_id`` empty means one-shot. ``boundary``:
+    where the generation prompt starts, for a model whose caches need turn checkpoints."""
 
     plan: TurnPlan
+    prompt: Prompt
     sampling: Sampling
     max_tokens: int
     stop: tuple[str, ...] = ()
     one_shot: bool = False
+    boundary: int | None = None
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -127,22 +147,27 @@ class Engine:
         *,
         write_behind_delay_s: float = DEFAULT_WRITE_BEHIND_DELAY_S,
         idle_unload_s: float = 0.0,
+        cache_ttl_s: float = 0.0,
     ):
         self.runtime = runtime
         self.store = store
         self.registry = registry
         self.write_behind_delay_s = write_behind_delay_s
         self.idle_unload_s = idle_unload_s
+        self.cache_ttl_s = cache_ttl_s
         self._ops = MlxCacheOps()
-        self._last_turn_at = time.monotonic()
+        self._last_turn_at = self._last_expiry_at = time.monotonic()
         self.counters = Counters()
-        self._queue: "queue.Queue[Turn | Callable[[], Any] | None]" = queue.Queue()
+        self._queue: "queue.Queue[Turn | _Task | None]" = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlxkv-engine", daemon=True)
+        # Held while deciding to queue, and while stopping: nothing lands after the sentinel.
+        self._accepting = threading.Lock()
         self._stopping = threading.Event()
+        self._died = False
         self._active = 0
         self._active_lock = threading.Lock()
         self._current: Turn | None = None
-        self._snapshot: dict[str, Any] = {"stats": store.stats(), "tiers": {}}
+        self._stats: dict[str, Any] = store.stats()
         args = getattr(runtime.model, "args", None)
         self._vocab_size = int(getattr(args, "vocab_size", 0) or len(runtime.tokenizer.vocab))
 
@@ -151,55 +176,79 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, turn: Turn) -> None:
-        if self._stopping.is_set():
-            raise ShuttingDownError("the daemon is shutting down")
-        with self._active_lock:
-            self._active += 1
-        self._queue.put(turn)
+    @property
+    def alive(self) -> bool:
+        """False once the engine thread has died (the daemon must exit and be restarted)."""
+        return not self._died
 
-    def call(self, fn: Callable[[], Any], timeout: float | None = 30.0) -> Any:
-        """Run ``fn`` on the engine thread (anything touching the store) and return its result."""
+    def submit(self, turn: Turn) -> None:
+        with self._accepting:
+            self._refuse_if_stopped()
+            with self._active_lock:
+                self._active += 1
+            self._queue.put(turn)
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the engine thread (anything touching the store) and return its result;
+        waits for the turn in flight to end first."""
         if threading.current_thread() is self._thread:
             return fn()
         future: Future = Future()
-
-        def task() -> None:
-            try:
-                result = fn()
-                self._refresh_snapshot()  # a status right after the call sees its effect
-                future.set_result(result)
-            except BaseException as exc:  # noqa: BLE001 - handed back to the caller
-                future.set_exception(exc)
-
-        self._queue.put(task)
+        self._enqueue(_Task(fn, future))
         return future.result(timeout=timeout)
+
+    def post(self, fn: Callable[[], Any]) -> None:
+        """Run ``fn`` on the engine thread soon, without waiting for it (errors are logged)."""
+        self._enqueue(_Task(fn))
+
+    def _enqueue(self, task: _Task) -> None:
+        with self._accepting:
+            self._refuse_if_stopped()
+            self._queue.put(task)
+
+    def _refuse_if_stopped(self) -> None:
+        if self._stopping.is_set() or not self.alive:
+            raise ShuttingDownError("the daemon is shutting down")
 
     @property
     def active_requests(self) -> int:
         return self._active
 
     def store_stats(self) -> dict[str, Any]:
-        """The store's statistics as of the end of the last turn or task (never blocks)."""
-        return self._snapshot["stats"]
+        """The store's statistics as of the last change the engine made (never blocks)."""
+        return self._stats
 
     def tier_of(self, conversation_id: str) -> str:
-        """Where a conversation's cache was at the end of the last turn or task (never blocks)."""
-        return self._snapshot["tiers"].get(conversation_id, "none")
+        """Where a conversation's cache is: "memory", "disk" or "none" (never blocks)."""
+        return self.store.tier_of(conversation_id)
 
     def set_idle_unload(self, idle_unload_s: float) -> None:
         """Change the idle unload delay (SIGHUP); takes effect at once, even while idle."""
         self.idle_unload_s = idle_unload_s
-        self._queue.put(lambda: None)  # wakes the idle wait so that it re-arms its timer
+        self.post(lambda: None)  # wakes the idle wait so that it re-arms its timer
+
+    def set_cache_ttl(self, ttl_s: float) -> None:
+        """Change how long unused caches live (0: forever); takes effect at once."""
+        self.cache_ttl_s = ttl_s
+        self.post(lambda: self.store.set_ttl(ttl_s or None))
+
+    def set_memory_budget(self, max_bytes: int) -> None:
+        """Change the memory budget of resident caches; evicts at once if it shrank."""
+        self.post(lambda: self.store.set_memory_budget(max_bytes))
 
     def delete_cache(self, conversation_id: str) -> bool:
         """Remove a conversation's cache from every tier; waits for the running turn."""
-        return bool(self.call(lambda: self.store.delete(conversation_id), timeout=600))
+        return bool(self.call(lambda: self.store.delete(conversation_id)))
 
     def stop(self, grace_s: float = 10.0) -> None:
         """Refuse new turns, let queued ones finish for ``grace_s``, cancel the rest, flush."""
-        self._stopping.set()
-        self._queue.put(None)
+        with self._accepting:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            self._queue.put(None)
+        if not self._thread.ident:
+            return
         self._thread.join(grace_s)
         if self._thread.is_alive():
             log.warning("cancelling turns still running after %.0f s", grace_s)
@@ -214,10 +263,21 @@ class Engine:
     # -- engine-thread side ---------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            item = self._next_item()
-            if item is None:
-                break
+        try:
+            self._serve()
+        except BaseException:  # noqa: BLE001 - whatever it was, nobody may wait on us now
+            log.critical("the engine thread died", exc_info=True)
+            self._died = True
+        finally:
+            self._drain()
+        try:
+            flushed = self.store.flush()
+            log.info("flushed %d cache entries to disk", flushed)
+        except Exception:  # noqa: BLE001 - shutdown must go on
+            log.exception("flushing caches at shutdown failed")
+
+    def _serve(self) -> None:
+        while (item := self._next_item()) is not None:
             if isinstance(item, Turn):
                 self._current = item
                 try:
@@ -229,43 +289,85 @@ class Engine:
                         self._active -= 1
                 self._refresh_snapshot()
             else:
-                item()  # engine.call tasks refresh the snapshot themselves
-        try:
-            flushed = self.store.flush()
-            log.info("flushed %d cache entries to disk", flushed)
-        except Exception:  # noqa: BLE001 - shutdown must go on
-            log.exception("flushing caches at shutdown failed")
+                self._run_task(item)
 
-    def _next_item(self) -> "Turn | Callable[[], Any] | None":
+    def _run_task(self, task: _Task) -> None:
+        try:
+            result = task.fn()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the caller, or logged
+            if task.future is None:
+                log.exception("an engine task failed")
+            else:
+                task.future.set_exception(exc)
+            return
+        finally:
+            self._refresh_snapshot()  # a status right after the task sees its effect
+        if task.future is not None:
+            task.future.set_result(result)
+
+    def _drain(self) -> None:
+        """Fail everything still queued: the engine takes no more work."""
+        with self._accepting:
+            self._stopping.set()
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                error = ShuttingDownError("the daemon is shutting down")
+                if isinstance(item, Turn):
+                    with self._active_lock:
+                        self._active -= 1
+                    if not item.one_shot:
+                        self.registry.abandon_turn(item.plan)
+                    item.events.put(Failed(error))
+                elif isinstance(item, _Task) and item.future is not None:
+                    item.future.set_exception(error)
+
+    def _next_item(self) -> "Turn | _Task | None":
         """The next queued item; while there is none, the idle stages (see the module doc).
-        Both delays count from the end of the last turn, not of the last task: a periodic
-        task (TTL expiry) must not keep postponing them."""
+        The delays count from the end of the last turn, not of the last task: a task must not
+        keep postponing them."""
         while True:
-            idle = time.monotonic() - self._last_turn_at
+            now = time.monotonic()
+            idle = now - self._last_turn_at
+            if self.cache_ttl_s > 0 and now - self._last_expiry_at >= TTL_CHECK_S:
+                self._last_expiry_at = now
+                self._expire()
+            # How long to wait for work before the next idle duty is due (None: forever).
+            waits = [TTL_CHECK_S] if self.cache_ttl_s > 0 else []
             if idle < self.write_behind_delay_s:
-                item = self._wait(self.write_behind_delay_s - idle)
+                waits.append(self.write_behind_delay_s - idle)
             else:
                 item = self._wait(0)
-                if item is _EMPTY and self._write_behind():
+                if item is not _EMPTY:
+                    return item
+                if self._write_behind():
                     continue
-                if item is _EMPTY and self.idle_unload_s > 0 and self.runtime.loaded:
+                if self.idle_unload_s > 0 and self.runtime.loaded:
                     if idle >= self.idle_unload_s:
                         self._unload()
                         continue
-                    item = self._wait(self.idle_unload_s - idle)
-                elif item is _EMPTY:
-                    return self._queue.get()
+                    waits.append(self.idle_unload_s - idle)
+            item = self._wait(min(waits) if waits else None)
             if item is not _EMPTY:
                 return item
 
-    def _wait(self, timeout_s: float) -> Any:
-        """The next queued item within ``timeout_s``, else ``_EMPTY``."""
+    def _wait(self, timeout_s: float | None) -> Any:
+        """The next queued item within ``timeout_s`` (None: however long), else ``_EMPTY``."""
         try:
-            if timeout_s <= 0:
+            if timeout_s is not None and timeout_s <= 0:
                 return self._queue.get_nowait()
             return self._queue.get(timeout=timeout_s)
         except queue.Empty:
             return _EMPTY
+
+    def _expire(self) -> None:
+        try:
+            if self.store.expire():
+                self._refresh_snapshot()
+        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
+            log.exception("expiring caches failed")
 
     def _write_behind(self) -> bool:
         """Write one cache behind to the disk tier; False when there was nothing to write."""
@@ -289,11 +391,7 @@ class Engine:
         log.info("idle for %.0f s: model unloaded, %d caches moved to disk", self.idle_unload_s, moved)
 
     def _refresh_snapshot(self) -> None:
-        keys = [r.conversation_id for r in self.registry.list()]
-        self._snapshot = {
-            "stats": self.store.stats(),
-            "tiers": {k: self.store.tier_of(k) for k in keys},
-        }
+        self._stats = self.store.stats()
 
     def _run(self, turn: Turn) -> None:
         self.counters.requests += 1
@@ -316,12 +414,7 @@ class Engine:
         started = time.perf_counter()
         if not rt.loaded:
             rt.ensure_loaded()
-        prompt = rt.render(plan.messages, plan.tools)
-        if len(prompt) >= rt.context_length:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the model's context window is "
-                f"{rt.context_length}"
-            )
+        prompt = turn.prompt.ids
         max_tokens = min(turn.max_tokens, rt.context_length - len(prompt))
         sampling = turn.sampling
         if sampling.top_k >= self._vocab_size:
@@ -336,7 +429,7 @@ class Engine:
         cached = lookup.cached_tokens
         reason = lookup.reason
         if lookup.diverged_at is not None and reason:
-            index = rt.message_index_of_token(plan.messages, plan.tools, lookup.diverged_at)
+            index = turn.prompt.message_at(lookup.diverged_at, plan.messages)
             reason = f"{reason} (message {index}, role {plan.messages[index].get('role')})"
         if reason:
             log.info("conversation %r reuses %d of its tokens: %s", key, cached, reason)
@@ -351,13 +444,13 @@ class Engine:
         finish = "length"
         first_token_at = None
         stops = _StopStrings(turn.stop)
-        detok = rt.tokenizer.detokenizer
+        reply = ReplyDecoder(rt.tokenizer)
         eos = rt.eos_token_ids
         try:
             # Prefill in chunks that a cancel can stop between, up to the last chunk, which
             # generate() feeds in the same forward pass that samples the first token.
-            boundary = self._turn_boundary(plan, prompt, cached) if key is not None else None
-            last_chunk = max(held, len(prompt) - PREFILL_STEP)
+            boundary = turn.boundary if turn.boundary is not None and turn.boundary >= cached else None
+            last_chunk = max(held, len(prompt) - rt.prefill_step)
             for target in sorted({last_chunk} | ({boundary} if boundary is not None else set())):
                 held += rt.prefill(prompt[held:target], cache, turn.cancelled)
                 if held < target:
@@ -366,28 +459,31 @@ class Engine:
                     checkpoint = (prompt[:held], self._ops.copy_prefix(cache, held))
                     self.store.reserve(self._ops.nbytes(checkpoint[1]))
                     self._refresh_snapshot()
-            for token in rt.generate(prompt[held:], cache, max_tokens=max_tokens, sampling=sampling):
-                if first_token_at is None:
-                    first_token_at = time.perf_counter()
-                generated.append(token)
-                turn.generated = len(generated)
-                if turn.cancelled.is_set():
-                    raise TurnCancelledError("the client cancelled the turn")
-                if token in eos:
-                    finish = "stop"
-                    break
-                pending.append(token)
-                detok.add_token(token)
-                text += detok.last_segment
-                cut = stops.cut(text)
-                if cut is not None:
-                    text = text[:cut]
-                    finish = "stop_string"
-                    break
-                safe = len(text) - stops.hold
-                if safe > emitted:
-                    turn.events.put(Text(text[emitted:safe], tuple(pending)))
-                    emitted, pending = safe, []
+            # Closed on every exit, so that the cache holds every token generated (see generate).
+            with contextlib.closing(
+                rt.generate(prompt[held:], cache, max_tokens=max_tokens, sampling=sampling)
+            ) as tokens:
+                for token in tokens:
+                    if first_token_at is None:
+                        first_token_at = time.perf_counter()
+                    generated.append(token)
+                    turn.generated = len(generated)
+                    if turn.cancelled.is_set():
+                        raise TurnCancelledError("the client cancelled the turn")
+                    if token in eos:
+                        finish = "stop"
+                        break
+                    pending.append(token)
+                    text += reply.add(token)
+                    cut = stops.cut(text)
+                    if cut is not None:
+                        text = text[:cut]
+                        finish = "stop_string"
+                        break
+                    safe = len(text) - stops.hold
+                    if safe > emitted:
+                        turn.events.put(Text(text[emitted:safe], tuple(pending)))
+                        emitted, pending = safe, []
         except TurnCancelledError:
             self.counters.tokens_saved += cached
             self.counters.tokens_prefilled += len(prompt) - cached
@@ -406,8 +502,7 @@ class Engine:
             raise
         # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
         if finish != "stop_string":
-            detok.finalize()
-            text += detok.last_segment
+            text += reply.finish(cut=finish == "length")
         if len(text) > emitted or pending:
             turn.events.put(Text(text[emitted:], tuple(pending)))
 
@@ -417,7 +512,9 @@ class Engine:
         decode_s = done_at - first_token_at
         revision = 0
         if not turn.one_shot:
-            revision = self.registry.commit_turn(plan, {"role": "assistant", "content": text})
+            revision = self.registry.commit_turn(
+                plan, {"role": "assistant", "content": text}, prompt=turn.prompt
+            )
         self.counters.tokens_saved += cached
         self.counters.tokens_prefilled += len(prompt) - cached
         self.counters.tokens_generated += len(generated)
@@ -452,15 +549,5 @@ class Engine:
         turn.events.put(finished)
         # After the reply is out: an eviction this causes may write to disk.
         self.store.checkin(key, prompt + generated, cache, checkpoint=checkpoint)
-
-    def _turn_boundary(self, plan: TurnPlan, prompt: list[int], cached: int) -> int | None:
-        """Where the generation prompt starts, for a model whose cache cannot be trimmed: a
-        copy of the cache there lets a regenerated or rewritten reply cost only that reply.
-        None when the model's caches can be trimmed, or the boundary is not in this prefill."""
-        if not self.runtime.needs_checkpoints:
-            return None
-        head = self.runtime.render(plan.messages, plan.tools, generation_prompt=False)
-        n = len(head)
-        if cached <= n < len(prompt) and prompt[:n] == head:
-            return n
-        return None
+        for forgotten in self.registry.pop_forgotten():
+            self.store.delete(forgotten)

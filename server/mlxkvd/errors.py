@@ -54,7 +54,8 @@ STATUS_CODES: dict[type[MlxkvError], grpc.StatusCode] = {
     ConversationNotFoundError: grpc.StatusCode.NOT_FOUND,
     ConversationBusyError: grpc.StatusCode.ABORTED,
     ContextOverflowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    ModelLoadError: grpc.StatusCode.FAILED_PRECONDITION,
+    # Not FAILED_PRECONDITION: clients read that as "conversation lost" and resend the history.
+    ModelLoadError: grpc.StatusCode.INTERNAL,
     ShuttingDownError: grpc.StatusCode.UNAVAILABLE,
     TurnCancelledError: grpc.StatusCode.CANCELLED,
 }

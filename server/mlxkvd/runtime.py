@@ -1,7 +1,8 @@
 """The model runtime: one loaded mlx-lm model, its tokenizer and chat template.
 
-It renders conversations into token ids, makes empty KV caches and runs prefill + decode
-against a given cache. Only the engine thread calls into it.
+It makes empty KV caches and runs prefill + decode against a given cache; only the engine
+thread calls into the model. Its ``renderer`` (``prompt.PromptRenderer``) turns conversations
+into token ids on the handler threads.
 """
 
 from __future__ import annotations
@@ -22,14 +23,21 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.utils import dequantize_model
 
-from .errors import InvalidRequestError, ModelChangedError, ModelLoadError
+from .errors import ModelChangedError, ModelLoadError
+from .prompt import PromptRenderer
 
 log = logging.getLogger(__name__)
 
-# Prompt tokens per forward pass. mlx-lm's default is 2048; smaller chunks cost nothing
-# measurable on the CPU and let a cancelled turn stop sooner during a long prefill.
-PREFILL_STEP = 512
+# Prompt tokens per forward pass, by backend. On a GPU each pass has a fixed cost (a kernel
+# launch per layer, an attention graph per new shape): mlx-lm's 2048 keeps a turn of a few
+# hundred new tokens, and most first turns, to one or two passes. On the CPU smaller chunks
+# cost nothing measurable and let a cancelled turn stop sooner during a long prefill.
+PREFILL_STEP_GPU = 2048
+PREFILL_STEP_CPU = 512
 KV_GROUP_SIZE = 64  # mlx-lm's default group size for quantized KV caches
+# Below this, a temperature means greedy: 1/T of a subnormal float is infinite, and sampling
+# from those logits is noise.
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,6 @@ def backend_name() -> str:
     if hasattr(mx, "cuda") and mx.cuda.is_available():
         return "cuda"
     return "gpu"
-
-
-def _template_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
-    """Tool definitions in the shape Hugging Face chat templates expect."""
-    return [{"type": "function", "function": t} for t in tools] if tools else None
 
 
 def _fingerprint(model_dir: Path) -> str:
@@ -80,6 +83,7 @@ class ModelRuntime:
         if not (self.model_dir / "config.json").is_file():
             raise ModelLoadError(f"{self.model_dir} is not a model directory (no config.json)")
         self.backend = backend_name()
+        self.prefill_step = PREFILL_STEP_CPU if self.backend == "cpu" else PREFILL_STEP_GPU
         self.fingerprint = self._current_fingerprint()
         config = self._load()
         self.context_length = int(
@@ -88,6 +92,7 @@ class ModelRuntime:
             or 4096
         )
         self.weights_dtype = str(self._weights_dtype()).replace("mlx.core.", "")
+        self.renderer = PromptRenderer(self.tokenizer)
         # Layers other than KVCache (sliding-window, recurrent) cannot always be trimmed back to
         # a divergence; the engine keeps a checkpoint at each turn boundary for them.
         self.needs_checkpoints = not all(
@@ -159,7 +164,7 @@ class ModelRuntime:
         growth = []
         for c in cache:
             if isinstance(c, RotatingKVCache):
-                growth.append((c.nbytes, c.step, c.max_size + PREFILL_STEP))
+                growth.append((c.nbytes, c.step, c.max_size + self.prefill_step))
             elif isinstance(c, (KVCache, QuantizedKVCache)):
                 growth.append((c.nbytes, c.step, None))
             else:
@@ -190,46 +195,6 @@ class ModelRuntime:
     def eos_token_ids(self) -> set[int]:
         return set(self.tokenizer.eos_token_ids)
 
-    def render(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None = None,
-        *,
-        generation_prompt: bool = True,
-    ) -> list[int]:
-        """Token ids of the conversation rendered by the chat template, ready to generate
-        (without ``generation_prompt``: up to the end of the last message)."""
-        try:
-            return list(
-                self.tokenizer.apply_chat_template(
-                    list(messages),
-                    tools=_template_tools(tools),
-                    add_generation_prompt=generation_prompt,
-                )
-            )
-        except Exception as exc:  # jinja2 raises TemplateError for roles a template refuses
-            raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
-
-    def message_index_of_token(
-        self,
-        messages: Sequence[dict[str, Any]],
-        tools: Sequence[dict[str, Any]] | None,
-        token_index: int,
-    ) -> int:
-        """Index of the message whose rendering contains token ``token_index``."""
-        for i in range(1, len(messages) + 1):
-            try:
-                n = len(self.tokenizer.apply_chat_template(
-                    list(messages[:i]),
-                    tools=_template_tools(tools),
-                    add_generation_prompt=False,
-                ))
-            except Exception:  # noqa: BLE001 - a partial history a template refuses
-                continue
-            if n > token_index:
-                return i - 1
-        return len(messages) - 1
-
     def decode(self, token_ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(token_ids))
 
@@ -243,10 +208,11 @@ class ModelRuntime:
         checked between chunks) was set.
         """
         tokens = list(tokens)
-        for start in range(0, len(tokens), PREFILL_STEP):
+        step = self.prefill_step
+        for start in range(0, len(tokens), step):
             if cancelled is not None and cancelled.is_set():
                 return start
-            chunk = mx.array([tokens[start : start + PREFILL_STEP]], dtype=mx.uint32)
+            chunk = mx.array([tokens[start : start + step]], dtype=mx.uint32)
             with mx.stream(generation_stream):  # the stream generate_step runs on
                 self.model(chunk, cache=cache)
                 if self.kv_bits:
@@ -262,30 +228,60 @@ class ModelRuntime:
         max_tokens: int,
         sampling: Sampling,
     ) -> Iterator[int]:
-        """Prefill ``new_tokens`` onto ``cache`` and yield generated token ids.
+        """Feed ``new_tokens`` (at most ``prefill_step`` of them) to the model, extending
+        ``cache``, and yield generated token ids.
 
-        When a token is yielded it has already been fed to the model, so the cache always
-        holds the prompt plus every token yielded so far, however the caller stops.
+        The first token is sampled from one forward pass over all of ``new_tokens``: mlx-lm's
+        ``generate_step`` would feed the last prompt token in a pass of its own, one more pass
+        (and, on a GPU, one more kernel shape) before the first token. Later tokens come from
+        ``generate_step``. The cache holds the prompt plus every token yielded so far, however
+        the caller stops; a caller that stops at the first token must close the generator
+        (``contextlib.closing``), which feeds it then.
         """
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
         sampler = make_sampler(
-            temp=sampling.temperature,
+            temp=sampling.temperature if sampling.temperature >= MIN_TEMPERATURE else 0.0,
             top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
             min_p=sampling.min_p,
             top_k=sampling.top_k,
         )
-        kv = {"kv_bits": self.kv_bits, "quantized_kv_start": 0} if self.kv_bits else {}
-        for token, _ in generate_step(
-            mx.array(list(new_tokens), dtype=mx.uint32),
-            self.model,
-            max_tokens=max_tokens,
-            sampler=sampler,
-            prompt_cache=cache,
-            prefill_step_size=PREFILL_STEP,
-            **kv,
-        ):
-            yield int(token)
+        first = self._sample_next(new_tokens, cache, sampler)
+        fed = False
+        try:
+            yield first
+            if max_tokens <= 1:
+                return
+            kv = {"kv_bits": self.kv_bits, "quantized_kv_start": 0} if self.kv_bits else {}
+            for token, _ in generate_step(
+                mx.array([first], dtype=mx.uint32),
+                self.model,
+                max_tokens=max_tokens - 1,
+                sampler=sampler,
+                prompt_cache=cache,
+                **kv,
+            ):
+                fed = True  # generate_step has fed ``first`` before its first token
+                yield int(token)
+        except GeneratorExit:
+            if not fed:
+                self._sample_next([first], cache, None)
+            raise
+
+    def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
+        """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last
+        position (None: only feed them)."""
+        with mx.stream(generation_stream):  # the stream generate_step runs on
+            logits = self.model(mx.array([list(tokens)], dtype=mx.uint32), cache=cache)
+            if self.kv_bits:
+                maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
+            if sampler is None:
+                mx.eval([c.state for c in cache])
+                return -1
+            logits = logits[:, -1, :]
+            token = sampler(logits - mx.logsumexp(logits, keepdims=True))
+            mx.eval(token, [c.state for c in cache])
+        return int(token.item())
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -295,6 +291,7 @@ class ModelRuntime:
             "backend": self.backend,
             "weights_dtype": self.weights_dtype,
             "context_length": self.context_length,
+            "prefill_step": self.prefill_step,
         }
 
 

@@ -16,10 +16,11 @@ import grpc
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
-from .conversations import ConversationRecord, TurnPlan
+from .conversations import ConversationRecord
 from .engine import Engine, Failed, Finished, Started, Text, Turn
 from .errors import ConversationNotFoundError, InvalidRequestError, MlxkvError, status_code
 from .runtime import Sampling
+from .turns import Turns
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
                 parameters = json.loads(t.parameters_json)
             except ValueError as exc:
                 raise InvalidRequestError(f"tools[{i}].parameters_json is not JSON: {exc}") from exc
+            except RecursionError:
+                raise InvalidRequestError(f"tools[{i}].parameters_json nests too deeply") from None
             if not isinstance(parameters, dict):
                 raise InvalidRequestError(f"tools[{i}].parameters_json must be a JSON object")
         tools.append({"name": t.name, "description": t.description, "parameters": parameters})
@@ -195,45 +198,36 @@ class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, engine: Engine, *, default_max_tokens: int, socket_path: str = ""):
         self.engine = engine
         self.registry = engine.registry
+        self.turns = Turns(engine, engine.registry)
         self.default_max_tokens = default_max_tokens
         self.socket_path = socket_path
         self.started_at = time.monotonic()
 
-    def _turn(self, request: pb.GenerateRequest) -> Turn:
-        one_shot = not request.conversation_id
+    def _submit(self, request: pb.GenerateRequest) -> Turn:
         validate_conversation_id(request.conversation_id, allow_empty=True)
-        messages = _messages(request)
-        tools = _tools(request)
-        sampling = _sampling(request)
-        stop = _stop(request)
         limit = self.engine.runtime.context_length
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.default_max_tokens
         if not (1 <= max_tokens <= limit):
             raise InvalidRequestError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
-        if one_shot:
-            plan = TurnPlan("", messages, tools, 0)
-        else:
-            plan = self.registry.begin_turn(
-                request.conversation_id,
-                messages,
-                tools,
-                reset=request.reset,
-                base_revision=request.base_revision,
-            )
-        return Turn(plan, sampling, max_tokens, stop, one_shot=one_shot)
+        return self.turns.submit(
+            request.conversation_id,
+            _messages(request),
+            _tools(request),
+            reset=request.reset,
+            base_revision=request.base_revision,
+            sampling=_sampling(request),
+            max_tokens=max_tokens,
+            stop=_stop(request),
+        )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         try:
-            turn = self._turn(request)
+            turn = self._submit(request)
         except MlxkvError as exc:
             context.abort(status_code(exc), str(exc))
-        context.add_callback(lambda: self._on_rpc_end(turn))
-        try:
-            self.engine.submit(turn)
-        except MlxkvError as exc:
-            if not turn.one_shot:
-                self.registry.abandon_turn(turn.plan)
-            context.abort(status_code(exc), str(exc))
+        # Runs when the RPC ends for any reason; after a committed turn it is a no-op.
+        if not context.add_callback(lambda: self.turns.cancel(turn)):
+            self.turns.cancel(turn)  # the client is already gone
         while True:
             event = turn.events.get()
             if isinstance(event, Failed):
@@ -245,12 +239,6 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield _event_pb(event, request.conversation_id)
             if isinstance(event, Finished):
                 return
-
-    def _on_rpc_end(self, turn: Turn) -> None:
-        # Runs when the RPC ends for any reason; after a committed turn both are no-ops.
-        turn.cancel()
-        if not turn.one_shot:
-            self.registry.cancel_turn(turn.plan)
 
     def GetConversation(self, request, context):
         try:

@@ -1,0 +1,261 @@
+"""Conversations into prompt token ids, tokenizing only what changed since the last turn.
+
+The chat template renders the whole conversation every turn (one Jinja render, about a
+millisecond), but tokenizing all of it costs a few microseconds per token: the part of a
+turn that grows with the history. Hugging Face tokenizers split their input on added
+(special) tokens before anything else, so the text before the start of a special token
+tokenizes the same whatever follows it. A ``Prompt`` keeps a turn's rendered text, its ids,
+and where each special token sits in both (``marks``); the next turn's render is compared
+with it at C speed, the ids up to the last special token inside the common text are kept,
+and only the rest is tokenized. Templates that rewrite earlier turns only move the point
+where the common text ends.
+
+Where this cannot be trusted (a slow tokenizer, a template that renders no special tokens,
+a tokenizer whose split rules differ), ``PromptRenderer`` tokenizes the whole text every
+turn and says why once in the log. ``tests/test_prompt.py`` checks the incremental ids
+against a full tokenization over random conversations.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+
+from .errors import InvalidRequestError
+
+log = logging.getLogger(__name__)
+
+# Characters compared per slice when looking for the common prefix of two texts.
+_BLOCK = 4096
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered conversation: its text, its token ids, and ``marks``, the
+    ``(char_start, char_end, token_index)`` of every special token in the text, in order."""
+
+    text: str
+    ids: list[int]
+    marks: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def message_at(self, token_index: int, messages: Sequence[dict[str, Any]]) -> int:
+        """Index of the message whose rendering holds token ``token_index``: the first message
+        whose content ends at or after the next special token (templates close each message
+        with one). Searched from the end, where divergences are; contents the template changed
+        are skipped. Costs string searches over the messages after that token, no render."""
+        i = bisect.bisect_left([m[2] for m in self.marks], token_index)
+        char = self.marks[i][0] if i < len(self.marks) else len(self.text)
+        found, end = len(messages) - 1, len(self.text)
+        for j in range(len(messages) - 1, -1, -1):
+            content = messages[j].get("content")
+            if not isinstance(content, str) or not content:
+                continue
+            start = self.text.rfind(content, 0, end)
+            if start < 0:
+                continue
+            if start + len(content) < char:
+                break
+            found, end = j, start
+        return found
+
+
+def common_prefix_chars(a: str, b: str) -> int:
+    """Length of the longest common prefix of two strings, compared a slice at a time."""
+    n = min(len(a), len(b))
+    lo = 0
+    while lo < n:
+        hi = min(lo + _BLOCK, n)
+        if a[lo:hi] != b[lo:hi]:
+            while a[lo] == b[lo]:
+                lo += 1
+            return lo
+        lo = hi
+    return n
+
+
+@dataclass
+class RenderStats:
+    """Work done by the renderer since it was made (counts, for tests and status)."""
+
+    renders: int = 0
+    tokenize_calls: int = 0
+    tokenized_chars: int = 0
+    full_tokenizations: int = 0
+
+
+class PromptRenderer:
+    """Renders conversations with a tokenizer's chat template into ``Prompt``s.
+
+    Thread-safe: gRPC handler threads render their own turns, off the engine thread.
+    ``tokenizer`` is mlx-lm's ``TokenizerWrapper`` (or a Hugging Face tokenizer).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.stats = RenderStats()
+        self._lock = threading.Lock()
+        hf = getattr(tokenizer, "_tokenizer", tokenizer)
+        self._backend = getattr(hf, "backend_tokenizer", None)
+        self._special_ids: frozenset[int] = frozenset()
+        self.incremental = False
+        self._fallback_logged = False
+        if self._backend is None:
+            self._fall_back("the tokenizer is not a fast (Rust) tokenizer")
+        else:
+            self._special_ids = frozenset(self._backend.get_added_tokens_decoder())
+            self.incremental = self._probe()
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def render_text(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        generation_prompt: bool = True,
+    ) -> str:
+        """The conversation rendered by the chat template, as text."""
+        self._count(renders=1)
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages),
+                tools=template_tools(tools),
+                add_generation_prompt=generation_prompt,
+                tokenize=False,
+            )
+        except Exception as exc:  # jinja2 raises TemplateError for roles a template refuses
+            raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        tools: Sequence[dict[str, Any]] | None = None,
+        *,
+        previous: Prompt | None = None,
+        generation_prompt: bool = True,
+    ) -> Prompt:
+        """The conversation as a ``Prompt``, reusing the ids of ``previous`` (the same
+        conversation's last prompt) for the text the two have in common."""
+        return self.tokenize(
+            self.render_text(messages, tools, generation_prompt=generation_prompt), previous
+        )
+
+    def tokenize(self, text: str, previous: Prompt | None = None) -> Prompt:
+        """``text`` as a ``Prompt``; its ids always equal a full tokenization of ``text``."""
+        if not self.incremental:
+            ids = list(self.tokenizer.encode(text, add_special_tokens=False))
+            self._count(tokenize_calls=1, tokenized_chars=len(text), full_tokenizations=1)
+            return Prompt(text, ids)
+        start, keep_ids, keep_marks = 0, 0, 0
+        if previous is not None and previous.marks:
+            common = common_prefix_chars(previous.text, text)
+            # The last special token lying wholly inside the common text: what precedes it
+            # tokenizes the same in both texts, and the new text still holds it there.
+            ends = [m[1] for m in previous.marks]
+            keep_marks = bisect.bisect_right(ends, common) - 1
+            if keep_marks >= 0:
+                start, _, keep_ids = previous.marks[keep_marks]
+            else:
+                keep_marks = 0
+        tail_ids, tail_marks = self._encode(text[start:], start, keep_ids)
+        if start == 0:
+            self._count(full_tokenizations=1)
+            return Prompt(text, tail_ids, tail_marks)
+        return Prompt(
+            text,
+            previous.ids[:keep_ids] + tail_ids,
+            previous.marks[:keep_marks] + tail_marks,
+        )
+
+    def _encode(self, text: str, char_base: int, token_base: int) -> tuple[list[int], list]:
+        encoding = self._backend.encode(text, add_special_tokens=False)
+        self._count(tokenize_calls=1, tokenized_chars=len(text))
+        special = self._special_ids
+        ids = encoding.ids
+        marks = [
+            (char_base + a, char_base + b, token_base + i)
+            for i, (tid, (a, b)) in enumerate(zip(ids, encoding.offsets))
+            if tid in special
+        ]
+        return ids, marks
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def _probe(self) -> bool:
+        """Whether incremental tokenization gives this tokenizer's own ids on a sample
+        conversation that grows by one turn (and the template marks its turns at all)."""
+        base = [
+            {"role": "system", "content": "You are a careful assistant.  Answer in short."},
+            {"role": "user", "content": "Hello there!\nHow are you, 1234 ?"},
+        ]
+        grown = base + [
+            {"role": "assistant", "content": " I am fine, thanks.\n\n"},
+            {"role": "user", "content": "Tell me about Unix sockets: \u00e9t\u00e9, \u4f60\u597d, \U0001f600."},
+        ]
+        try:
+            self.incremental = True
+            first = self.render(base)
+            if not first.marks:
+                self._fall_back("the chat template renders no special tokens between messages")
+                return False
+            second = self.render(grown, previous=first)
+            expected = list(self.tokenizer.encode(second.text, add_special_tokens=False))
+        except Exception as exc:  # noqa: BLE001 - a template that cannot render the sample
+            self._fall_back(f"the sample conversation could not be rendered ({exc})")
+            return False
+        finally:
+            self.stats = RenderStats()
+        if second.ids != expected or first.ids != expected[: len(first.ids)]:
+            self._fall_back("the tokenizer does not split its input at special tokens")
+            return False
+        return True
+
+    def _fall_back(self, why: str) -> None:
+        self.incremental = False
+        if not self._fallback_logged:
+            self._fallback_logged = True
+            log.info("tokenizing the whole conversation every turn: %s", why)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, value in deltas.items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+
+def template_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+    """Tool definitions in the shape Hugging Face chat templates expect."""
+    return [{"type": "function", "function": t} for t in tools] if tools else None
+
+
+class ReplyDecoder:
+    """A reply's text as it streams, equal to ``tokenizer.decode`` of its ids.
+
+    The committed reply is rendered again next turn; text that decodes differently from the
+    generated ids re-tokenizes into other ids, and the cache is re-prefilled from there.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self._detok = tokenizer.detokenizer  # a fresh copy per call
+        if isinstance(self._detok, BPEStreamingDetokenizer):
+            # mlx-lm drops a leading space of the first token (a display nicety); decode() keeps it.
+            self._detok._maybe_trim_space = lambda text: text
+
+    def add(self, token: int) -> str:
+        """Feed one token; returns the text it completes (possibly empty)."""
+        self._detok.add_token(token)
+        return self._detok.last_segment
+
+    def finish(self, *, cut: bool) -> str:
+        """The text still held back. ``cut``: the reply ended at ``max_tokens``, possibly in the
+        middle of a character, whose bytes are dropped rather than stored as U+FFFD."""
+        self._detok.finalize()
+        segment = self._detok.last_segment
+        return segment.rstrip("\ufffd") if cut else segment
