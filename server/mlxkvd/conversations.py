@@ -55,7 +55,8 @@ class TurnPlan:
     messages: list[Message]
     tools: list[dict[str, Any]]
     base_revision: int
-    previous_prompt: Prompt | None = None
+    previous_prompt: Prompt | None = None  # the conversation's last prompt
+    continues: bool = False  # ``messages`` begin with those ``previous_prompt`` rendered
 
 
 class ConversationRegistry:
@@ -114,6 +115,7 @@ class ConversationRegistry:
                     list(tools) if tools else list(record.tools),
                     record.revision,
                     previous,
+                    continues=True,
                 )
             self._busy[conversation_id] = _Claim(plan)
             return plan

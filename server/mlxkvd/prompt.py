@@ -14,17 +14,27 @@ Where this cannot be trusted (a slow tokenizer, a template that renders no speci
 a tokenizer whose split rules differ), ``PromptRenderer`` tokenizes the whole text every
 turn and says why once in the log. ``tests/test_prompt.py`` checks the incremental ids
 against a full tokenization over random conversations.
+
+Text inside messages never becomes special tokens: pasted ``<|im_start|>system ...`` must not
+forge a turn. This is Hugging Face's own ``apply_chat_template(sanitize_control_tokens=True)``
+(``mark_control_tokens`` wraps such text in messages in private-use markers before the render,
+``encode_marked_chat`` tokenizes the marked text as plain text), made incremental the same way:
+a guarded prompt's text is the marked rendering, split only at the template's own tokens. A
+conversation without such text (nearly all) is tokenized exactly as the tokenizer does.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 import logging
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
+from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 
 from .errors import InvalidRequestError
 
@@ -42,6 +52,10 @@ class Prompt:
     text: str
     ids: list[int]
     marks: list[tuple[int, int, int]] = field(default_factory=list)
+    message_count: int = 0  # messages rendered
+    # Some message holds control-token text: ``text`` is the marked rendering, and that text
+    # is tokenized as plain text.
+    guarded: bool = False
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -105,13 +119,37 @@ class PromptRenderer:
         hf = getattr(tokenizer, "_tokenizer", tokenizer)
         self._backend = getattr(hf, "backend_tokenizer", None)
         self._special_ids: frozenset[int] = frozenset()
+        self._control_re: re.Pattern | None = None
         self.incremental = False
         self._fallback_logged = False
+        # No token covers more characters than its vocabulary string has: the lower bound of
+        # a text's token count that lets a hopeless request be refused without tokenizing it.
+        self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
         if self._backend is None:
             self._fall_back("the tokenizer is not a fast (Rust) tokenizer")
         else:
-            self._special_ids = frozenset(self._backend.get_added_tokens_decoder())
+            # A private copy: Hugging Face's encode() changes settings of its backend per call.
+            from tokenizers import Tokenizer
+
+            self._standard = Tokenizer.from_str(self._backend.to_str())
+            added = self._backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(added)
+            self._init_control_tokens(hf, added)
             self.incremental = self._probe()
+
+    def _init_control_tokens(self, hf: Any, added: dict) -> None:
+        """The tokens message text may not produce, as Hugging Face chooses them: the special
+        ones, and added tokens the chat template writes."""
+        template = getattr(hf, "chat_template", None) or ""
+        control = {t.content: i for i, t in added.items()
+                   if t.special or (t.content in template and not t.content.isspace())}
+        if not control:
+            return
+        self._control_ids = frozenset(control.values())
+        longest_first = sorted(control, key=len, reverse=True)
+        self._control_re = re.compile("|".join(map(re.escape, longest_first)))
+        self._hf = hf
+        self._marker = mark_control_tokens("x", re.compile("x"))[0]  # what precedes marked text
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -134,23 +172,37 @@ class PromptRenderer:
         except Exception as exc:  # jinja2 raises TemplateError for roles a template refuses
             raise InvalidRequestError(f"the model's chat template rejected the messages: {exc}") from exc
 
+    def min_tokens(self, messages: Sequence[dict[str, Any]]) -> int:
+        """A lower bound of the tokens the messages' contents take, without tokenizing."""
+        chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
+        return chars // self.max_token_chars
+
     def render(
         self,
         messages: Sequence[dict[str, Any]],
         tools: Sequence[dict[str, Any]] | None = None,
         *,
         previous: Prompt | None = None,
+        continues: bool = False,
         generation_prompt: bool = True,
     ) -> Prompt:
         """The conversation as a ``Prompt``, reusing the ids of ``previous`` (the same
-        conversation's last prompt) for the text the two have in common."""
-        return self.tokenize(
-            self.render_text(messages, tools, generation_prompt=generation_prompt), previous
-        )
+        conversation's last prompt) for the text the two have in common. ``continues``: the
+        first ``previous.message_count`` messages are the ones ``previous`` rendered, so only
+        the others are searched for special-token text."""
+        guarded = self._holds_control_text(messages, tools, previous if continues else None)
+        if guarded:
+            messages = mark_control_tokens(list(messages), self._control_re)
+            tools = mark_control_tokens(list(tools or ()), self._control_re)
+        text = self.render_text(messages, tools, generation_prompt=generation_prompt)
+        prompt = self.tokenize(text, previous, guarded=guarded)
+        return Prompt(prompt.text, prompt.ids, prompt.marks, len(messages), guarded)
 
-    def tokenize(self, text: str, previous: Prompt | None = None) -> Prompt:
-        """``text`` as a ``Prompt``; its ids always equal a full tokenization of ``text``."""
-        if not self.incremental:
+    def tokenize(self, text: str, previous: Prompt | None = None, *, guarded: bool = False) -> Prompt:
+        """``text`` as a ``Prompt``. Its ids equal a full tokenization of ``text``; ``guarded``:
+        ``text`` was rendered from marked messages, and is tokenized as ``encode_marked_chat``
+        does (marked control-token text as plain text)."""
+        if not self.incremental and not guarded:
             ids = list(self.tokenizer.encode(text, add_special_tokens=False))
             self._count(tokenize_calls=1, tokenized_chars=len(text), full_tokenizations=1)
             return Prompt(text, ids)
@@ -165,7 +217,8 @@ class PromptRenderer:
                 start, _, keep_ids = previous.marks[keep_marks]
             else:
                 keep_marks = 0
-        tail_ids, tail_marks = self._encode(text[start:], start, keep_ids)
+        encode = self._encode_marked if guarded else self._encode
+        tail_ids, tail_marks = encode(text[start:], start, keep_ids)
         if start == 0:
             self._count(full_tokenizations=1)
             return Prompt(text, tail_ids, tail_marks)
@@ -176,7 +229,7 @@ class PromptRenderer:
         )
 
     def _encode(self, text: str, char_base: int, token_base: int) -> tuple[list[int], list]:
-        encoding = self._backend.encode(text, add_special_tokens=False)
+        encoding = self._standard.encode(text, add_special_tokens=False)
         self._count(tokenize_calls=1, tokenized_chars=len(text))
         special = self._special_ids
         ids = encoding.ids
@@ -186,6 +239,35 @@ class PromptRenderer:
             if tid in special
         ]
         return ids, marks
+
+    def _encode_marked(self, text: str, char_base: int, token_base: int) -> tuple[list[int], list]:
+        """A marked rendering's ids (``encode_marked_chat``), and its marks: the control tokens
+        not wrapped in markers, which are the template's, in the order their ids appear."""
+        with self._lock:  # encode_marked_chat flips settings of the shared tokenizer
+            ids = encode_marked_chat(self._hf, text)
+        self._count(tokenize_calls=1, tokenized_chars=len(text))
+        spans = [m.span() for m in self._control_re.finditer(text)
+                 if m.start() == 0 or text[m.start() - 1] != self._marker]
+        positions = [i for i, t in enumerate(ids) if t in self._control_ids]
+        if len(spans) != len(positions):  # cannot place them: no split points, still exact ids
+            return ids, []
+        return ids, [(char_base + a, char_base + b, token_base + i)
+                     for (a, b), i in zip(spans, positions)]
+
+    def _holds_control_text(self, messages: Sequence[dict[str, Any]], tools, previous: Prompt | None) -> bool:
+        """Whether a message's content or a tool definition holds control-token text; with
+        ``previous`` (whose messages begin these), only the messages it did not render are
+        searched."""
+        if self._control_re is None:
+            return False
+        search = self._control_re.search
+        if tools and search(json.dumps(tools)):
+            return True
+        if previous is not None:
+            if previous.guarded:
+                return True
+            messages = messages[previous.message_count :]
+        return any(isinstance(m.get("content"), str) and search(m["content"]) for m in messages)
 
     # -- checks ------------------------------------------------------------------------------
 

@@ -66,17 +66,26 @@ class Turns:
     ) -> Turn:
         runtime = self.engine.runtime
         renderer = runtime.renderer
-        prompt = renderer.render(plan.messages, plan.tools, previous=plan.previous_prompt)
-        if len(prompt) >= runtime.context_length:
+        limit = runtime.context_length
+        if renderer.min_tokens(plan.messages) >= limit:
+            # Refused before tokenizing: a huge request costs a sum of lengths, not seconds.
             raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the model's context window is "
-                f"{runtime.context_length}"
+                f"the messages take more than {limit} tokens, the model's context window"
+            )
+        prompt = renderer.render(
+            plan.messages, plan.tools, previous=plan.previous_prompt, continues=plan.continues
+        )
+        if len(prompt) >= limit:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} tokens; the model's context window is {limit}"
             )
         boundary = None
         if runtime.needs_checkpoints and not one_shot:
             # Where the generation prompt starts: a copy of the cache there lets a regenerated
             # or rewritten reply cost only that reply (for caches that cannot be trimmed).
-            head = renderer.render(plan.messages, plan.tools, previous=prompt, generation_prompt=False)
+            head = renderer.render(
+                plan.messages, plan.tools, previous=prompt, continues=True, generation_prompt=False
+            )
             if len(head) < len(prompt) and prompt.ids[: len(head)] == head.ids:
                 boundary = len(head)
         return Turn(plan, prompt, sampling, max_tokens, stop, one_shot=one_shot, boundary=boundary)
