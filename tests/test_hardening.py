@@ -271,3 +271,29 @@ def test_special_token_text_in_a_message_stays_text(shared_daemon, reference):
         # The next turn keeps it text, and reuses the whole cache.
         nxt = chat.send("Thanks.", max_tokens=2)
         assert nxt.cached_tokens == turn.prompt_tokens + turn.completion_tokens
+
+
+def test_a_cache_dir_that_cannot_be_written_at_first_start_exits_cleanly(tmp_path):
+    """First start, the default model must be converted into the cache dir, and the disk
+    refuses the write (here: a file size limit, as a full disk would): a clear message and
+    the model-error exit code (no restart loop under systemd), no traceback."""
+    import os
+    import resource
+    import subprocess
+    import sys
+
+    from mlxkvd.daemon import EXIT_MODEL
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxkvd", "serve", "--socket", str(tmp_path / "s.sock"),
+         "--cache-dir", str(tmp_path / "cache")],
+        env={**os.environ, "MLXKV_CONFIG": ""}, preexec_fn=limit_file_size,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == EXIT_MODEL, proc.stderr
+    assert "cannot write the converted default model" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "s.sock").exists()

@@ -80,7 +80,11 @@ def preload_env(cache_root: Path, environ: dict[str, str] | None = None) -> dict
     blas = openblas_path()
     if blas is None:
         return None
-    shim = _gfortran_shim_dir(cache_root)
+    try:
+        shim = _gfortran_shim_dir(cache_root)
+    except OSError as e:  # a full or read-only cache dir: serve, only slower
+        log.warning("cannot prepare the optimized BLAS under %s: %s", cache_root, e)
+        return None
     if not _runs_here(blas, shim, cache_root):
         return None
     preload = environ.get("LD_PRELOAD", "")

@@ -187,9 +187,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     renamed = {tensor_name(k): v for k, v in weights.items()}
     tokenizer_json, tokenizer_config = _tokenizer_files(meta)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
+    tmp = None
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=out_dir.parent))
         mx.save_safetensors(str(tmp / "model.safetensors"), renamed, metadata={"format": "mlx"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer_json, ensure_ascii=False))
@@ -197,9 +198,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    except (OSError, RuntimeError) as exc:  # MLX reports a failed write as RuntimeError
+        raise ModelUnavailableError(
+            f"cannot write the converted default model under {out_dir.parent} ({exc}); "
+            "free some space there, or pass --cache-dir DIR on a writable disk"
+        ) from exc
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %d tensors in %.1f s -> %s", len(renamed), time.monotonic() - started, out_dir)
     return out_dir
 
