@@ -481,7 +481,10 @@ class Engine:
                         finish = "stop_string"
                         break
                     safe = len(text) - stops.hold
-                    if safe > emitted:
+                    # The first token goes out at once, even with no text yet (a partial
+                    # character, a held-back space): the client sees the turn has started.
+                    if safe > emitted or len(generated) == 1:
+                        safe = max(safe, emitted)
                         turn.events.put(Text(text[emitted:safe], tuple(pending)))
                         emitted, pending = safe, []
         except TurnCancelledError:

@@ -122,6 +122,7 @@ class PromptRenderer:
         self._control_re: re.Pattern | None = None
         self.incremental = False
         self._fallback_logged = False
+        self._direct = self._direct_template(hf)
         # No token covers more characters than its vocabulary string has: the lower bound of
         # a text's token count that lets a hopeless request be refused without tokenizing it.
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -136,6 +137,27 @@ class PromptRenderer:
             self._special_ids = frozenset(added)
             self._init_control_tokens(hf, added)
             self.incremental = self._probe()
+
+    def _direct_template(self, hf: Any) -> tuple[Any, dict] | None:
+        """The compiled chat template and the variables ``apply_chat_template`` gives it, to
+        render without its per-call copies of every message (a millisecond per few hundred
+        messages); None where mlx-lm renders another way. ``_probe`` checks the two agree."""
+        if getattr(self.tokenizer, "_chat_template", None) is not None:  # mlx-lm's own renderer
+            return None
+        template = getattr(hf, "chat_template", None)
+        if not isinstance(template, str):  # none, or several named ones
+            return None
+        try:
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            compiled = _compile_jinja_template(template)
+        except Exception:  # noqa: BLE001 - apply_chat_template reports it on use
+            return None
+        variables = dict(hf.special_tokens_map)
+        thinking = getattr(self.tokenizer, "_thinking_kwarg", None)
+        if thinking:  # what mlx-lm's TokenizerWrapper.apply_chat_template adds
+            variables[thinking] = self.tokenizer.has_thinking
+        return compiled, variables
 
     def _init_control_tokens(self, hf: Any, added: dict) -> None:
         """The tokens message text may not produce, as Hugging Face chooses them: the special
@@ -163,6 +185,12 @@ class PromptRenderer:
         """The conversation rendered by the chat template, as text."""
         self._count(renders=1)
         try:
+            if self._direct is not None:
+                template, variables = self._direct
+                return template.render(
+                    messages=messages, tools=template_tools(tools), documents=None,
+                    add_generation_prompt=generation_prompt, **variables,
+                )
             return self.tokenizer.apply_chat_template(
                 list(messages),
                 tools=template_tools(tools),
@@ -282,6 +310,17 @@ class PromptRenderer:
             {"role": "assistant", "content": " I am fine, thanks.\n\n"},
             {"role": "user", "content": "Tell me about Unix sockets: \u00e9t\u00e9, \u4f60\u597d, \U0001f600."},
         ]
+        tools = [{"name": "grep", "description": "Search files.", "parameters": {"type": "object"}}]
+        if self._direct is not None:
+            direct, self._direct = self._direct, None
+            try:
+                samples = [(m, t, g) for m in (base, grown) for t in (None, tools) for g in (True, False)]
+                expected = [self.render_text(m, t, generation_prompt=g) for m, t, g in samples]
+                self._direct = direct
+                if [self.render_text(m, t, generation_prompt=g) for m, t, g in samples] != expected:
+                    self._direct = None
+            except Exception:  # noqa: BLE001 - then apply_chat_template it is
+                self._direct = None
         try:
             self.incremental = True
             first = self.render(base)

@@ -231,10 +231,11 @@ class ModelRuntime:
         """Feed ``new_tokens`` (at most ``prefill_step`` of them) to the model, extending
         ``cache``, and yield generated token ids.
 
-        The first token is sampled from one forward pass over all of ``new_tokens``: mlx-lm's
-        ``generate_step`` would feed the last prompt token in a pass of its own, one more pass
-        (and, on a GPU, one more kernel shape) before the first token. Later tokens come from
-        ``generate_step``. The cache holds the prompt plus every token yielded so far, however
+        The first token comes from one evaluation: all but the last new token, then the last
+        one, built lazily and evaluated together, so the output head runs for the last
+        position only and there is no synchronisation in between (mlx-lm's ``generate_step``
+        evaluates the two apart). The passes are the ones ``generate_step`` makes, so the
+        arithmetic is the reference's. Later tokens come from ``generate_step``. The cache holds the prompt plus every token yielded so far, however
         the caller stops; a caller that stops at the first token must close the generator
         (``contextlib.closing``), which feeds it then.
         """
@@ -271,8 +272,15 @@ class ModelRuntime:
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
         """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last
         position (None: only feed them)."""
+        tokens = list(tokens)
         with mx.stream(generation_stream):  # the stream generate_step runs on
-            logits = self.model(mx.array([list(tokens)], dtype=mx.uint32), cache=cache)
+            if len(tokens) > 1 and sampler is not None:
+                # Lazy: its logits are never evaluated, so the head never runs for these.
+                self.model(mx.array([tokens[:-1]], dtype=mx.uint32), cache=cache)
+                if self.kv_bits:
+                    maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
+                tokens = tokens[-1:]
+            logits = self.model(mx.array([tokens], dtype=mx.uint32), cache=cache)
             if self.kv_bits:
                 maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
             if sampler is None:
