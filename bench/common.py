@@ -378,6 +378,18 @@ class MlxLmServer(ServerProcess):
         return HttpTurn(text, started, first or end, last or end, end, chunks, usage, finish)
 
 
+def stream_turn(conv, content: str, max_tokens: int) -> tuple[float, float]:
+    """One turn of an ``mlxkv`` Conversation, streamed: (time to the first text delta, turn
+    time), client side; ``conv.last_turn`` then holds the daemon's accounting."""
+    started = time.perf_counter()
+    first = None
+    for _ in conv.stream(content, max_tokens=max_tokens):
+        if first is None:
+            first = time.perf_counter()
+    end = time.perf_counter()
+    return (first or end) - started, end - started
+
+
 @dataclass
 class HttpTurn:
     text: str
@@ -557,9 +569,37 @@ def tools_json(tools: Sequence[dict[str, Any]]) -> str:
 
 
 def progress(total: int, desc: str):
-    from tqdm import tqdm
-
+    """A tqdm bar on stderr; plain lines where tqdm is not installed (the GPU machine)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineProgress(total, desc)
     return tqdm(total=total, desc=desc, file=sys.stderr, unit="turn", dynamic_ncols=True, leave=True)
+
+
+class _LineProgress:
+    """The part of tqdm's interface the benchmarks use, as one stderr line per update."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.n, self.postfix = total, desc, 0, ""
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> "_LineProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def set_postfix_str(self, text: str) -> None:
+        self.postfix = text
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        print(f"{self.desc}: {self.n}/{self.total} [{time.perf_counter() - self.started:.0f} s] {self.postfix}",
+              file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        pass
 
 
 def median(values: Sequence[float]) -> float:
@@ -601,6 +641,19 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def git_state() -> str:
+    """The checked-out commit, and "+ uncommitted changes" when the working tree has them:
+    a benchmark of a daemon being edited should say which code it ran."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + (" + uncommitted changes" if dirty else "")
 
 
 def machine_info() -> dict[str, Any]:

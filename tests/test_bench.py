@@ -87,3 +87,29 @@ def test_turn_latency_quick(tmp_path):
         assert rep["scratch_daemon"]["reused_tokens"] == 0
         assert rep["in_process_prompt_tokens"] == rep["prompt_tokens"]
     assert (tmp_path / "turn_latency.md").read_text().startswith("# mlxkv turn latency")
+
+
+def test_turn_overhead_quick(tmp_path):
+    proc = _run("bench.turn_overhead", tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "turn_overhead.json").read_text())
+    assert [s["size"] for s in report["sizes"]] == [1000, 4000]
+    for size in report["sizes"]:
+        assert size["first_turn_mlxkvd_prompt_tokens"] == size["first_turn_prompt_tokens"]
+        assert len(size["turns"]) == 2
+        for turn in size["turns"]:
+            for system in ("mlxkvd", "mlx_lm_server", "limit"):
+                assert _positive(turn[system]["ttft_s"]), (system, turn)
+            kv, limit = turn["mlxkvd"], turn["limit"]
+            # The limit replays the very prompt mlxkvd rendered, onto the same history.
+            assert kv["prompt_tokens"] == turn["prompt_tokens"]
+            # A cached turn: the history reused, about the new message prefilled.
+            assert kv["cached_tokens"] + kv["prefill_tokens"] == kv["prompt_tokens"]
+            assert kv["cached_tokens"] > 0.5 * kv["prompt_tokens"], turn
+            assert 0 < limit["prefill_tokens"] < 0.5 * turn["prompt_tokens"], turn
+            assert limit["ttft_s"] == min(limit["two_pass_s"], limit["one_pass_s"])
+            assert turn["mlx_lm_server"]["cached_tokens"] > 0, turn
+            for system in ("mlxkvd", "mlx_lm_server"):
+                assert math.isfinite(turn["overhead_ms"][system])
+    assert isinstance(report["verdict"]["met"], bool)
+    assert (tmp_path / "turn_overhead.md").read_text().startswith("# mlxkv per-turn overhead")
