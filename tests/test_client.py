@@ -292,6 +292,69 @@ def test_real_restart_of_the_server_is_transparent(tmp_path):
     assert _contents(second.requests[-1]) == [("user", "one"), ("assistant", "answer 1"), ("user", "two")]
 
 
+class StallingInference(FakeInference):
+    """Answers a turn's Start, then stalls until ``release`` is set: a daemon mid-prefill."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = threading.Event()
+        self.release = threading.Event()
+
+    def Generate(self, request, context):
+        self.requests.append(request)
+        yield pb.GenerateResponse(start=pb.Start(conversation_id=request.conversation_id))
+        self.started.set()
+        self.release.wait(30)
+
+
+def _first_turn_through_a_restart(path: Path, *, retry_s: float, stalled_s: float = 0.0):
+    """A fresh client's very first call is a turn; the daemon answers Start, stalls for
+    ``stalled_s``, dies, and a new one (knowing nothing) comes up half a second later.
+    Returns the turn (or the error), the conversation and the new daemon."""
+    stalling = StallingInference()
+    server = _serve(path, stalling)
+    second = FakeInference()
+    result: dict[str, object] = {}
+    with Client(path, timeout=30, retry_unavailable_s=retry_s) as client:
+        conv = client.conversation("c")
+
+        def turn() -> None:
+            try:
+                result["turn"] = conv.send("one")
+            except MlxkvError as exc:
+                result["error"] = exc
+
+        worker = threading.Thread(target=turn)
+        worker.start()
+        try:
+            assert stalling.started.wait(10)
+            time.sleep(stalled_s)
+            server.stop(None)
+            time.sleep(0.5)
+            server = _serve(path, second)
+            worker.join(30)
+        finally:
+            stalling.release.set()
+            server.stop(None)
+    assert not worker.is_alive()
+    return result.get("turn") or result.get("error"), conv, second
+
+
+def test_a_first_turn_that_saw_the_daemon_waits_for_its_restart(tmp_path):
+    turn, conv, second = _first_turn_through_a_restart(tmp_path / "r.sock", retry_s=10.0)
+    assert isinstance(turn, Turn), turn
+    assert turn.text == "answer 1" and conv.revision == 1001
+    assert second.requests[-1].reset and _contents(second.requests[-1]) == [("user", "one")]
+    assert conv.messages == [{"role": "user", "content": "one"}, {"role": "assistant", "content": "answer 1"}]
+
+
+def test_the_restart_window_starts_when_the_daemon_goes_away_not_with_the_turn(tmp_path):
+    # The turn ran longer than the window before the daemon died: it still gets all of it.
+    turn, conv, second = _first_turn_through_a_restart(tmp_path / "r.sock", retry_s=2.0, stalled_s=2.5)
+    assert isinstance(turn, Turn), turn
+    assert turn.text == "answer 1" and second.requests[-1].reset
+
+
 def test_regenerate_drops_the_last_answer_and_resets(client, daemon):
     conv = client.conversation("c")
     conv.send("q")

@@ -292,11 +292,12 @@ class Client:
     ``mlxkv.paths``). ``timeout`` is the deadline of every RPC, a whole streamed turn included
     (None: no deadline). ``connect_timeout`` bounds the wait for a daemon whose socket accepts
     connections but whose gRPC server does not answer yet. ``retry_unavailable_s`` is how long
-    a turn keeps retrying while a daemon this client has already talked to is restarting.
+    a turn keeps retrying, from the moment it fails, while a daemon that this client has seen
+    answer (in an earlier call, or in this turn before it broke) is restarting.
 
-    A client that has never reached a daemon fails fast with ``DaemonUnavailableError``: the
-    30 s of patience are for restarts, not for a daemon that was never started. To wait for a
-    daemon that is starting up, call ``wait_ready``.
+    A client that has never seen a daemon answer fails fast with ``DaemonUnavailableError``:
+    the 30 s of patience are for restarts, not for a daemon that was never started. To wait for
+    a daemon that is starting up, call ``wait_ready``.
     """
 
     def __init__(
@@ -444,24 +445,28 @@ class Client:
             return False
         return True
 
-    def _restart_window(self) -> _RestartWindow:
-        budget = self.retry_unavailable_s if self._seen_daemon else 0.0
-        return _RestartWindow(self, budget)
-
 
 class _RestartWindow:
-    """The retry budget of one turn for UNAVAILABLE (a daemon restarting)."""
+    """The retry budget of one turn for UNAVAILABLE (a daemon restarting).
 
-    def __init__(self, client: Client, budget_s: float) -> None:
+    The window lasts ``retry_unavailable_s`` from the first failure after which the client has
+    seen the daemon answer, in an earlier call or in this turn (its Start event): a client's
+    first turn is retried like any later one once the daemon has answered it, and a long turn
+    does not use the window up before anything fails.
+    """
+
+    def __init__(self, client: Client) -> None:
         self._client = client
-        self._deadline = time.monotonic() + budget_s
+        self._deadline: float | None = None
         self._pause = 0.1
         self._tries = 0
 
     def wait(self) -> bool:
         """Back off, then wait for the daemon; False when the budget is spent."""
         self._tries += 1
-        remaining = self._deadline - time.monotonic()
+        if self._deadline is None and self._client._seen_daemon:
+            self._deadline = time.monotonic() + self._client.retry_unavailable_s
+        remaining = 0.0 if self._deadline is None else self._deadline - time.monotonic()
         if remaining <= 0:
             # A client that never reached a daemon still gets one reconnect attempt.
             return self._tries == 1 and self._client._await_daemon(0.0)
@@ -666,7 +671,7 @@ class Conversation:
         try:
             reset = force_reset or self._needs_reset or not self.conversation_id
             resent = False
-            window = self._client._restart_window()
+            window = _RestartWindow(self._client)
             while True:
                 events = _TurnEvents()
                 request = self._request(history, new, reset=reset, params=params)

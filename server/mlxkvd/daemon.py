@@ -162,11 +162,11 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     signals = _Signals()
     signals.install()
 
-    from .socketfile import SocketError, claim, release
+    from .socketfile import SocketError, claim
 
     socket_path = config.socket_path().absolute()
     try:
-        claim(socket_path)
+        socket_claim = claim(socket_path)
     except SocketError as exc:
         log.error("%s", exc)
         return EXIT_SOCKET
@@ -208,12 +208,13 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     engine.start()
     server, health, service = create_server(
         engine,
-        socket_path,
+        socket_claim.bind_path,  # gRPC unlinks the path it bound when it stops: not the public one
         default_max_tokens=config.default_max_tokens,
         max_message_bytes=config.max_message_bytes,
     )
-    # Another daemon may have won the race for the path between claim() and here.
+    service.socket_path = str(socket_path)
     server.start()
+    socket_claim.publish()  # the socket appears at socket_path now, the one release() may remove
     log.info("serving %s on unix://%s (pid %d)", runtime.name, socket_path, os.getpid())
     # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart started:
     # the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
@@ -247,7 +248,7 @@ def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
     # New turns are refused; in-flight ones get the grace period to finish, then are cancelled.
     engine.stop(grace_s=config.shutdown_grace_s)
     server.stop(grace=1.0).wait()
-    release(socket_path)
+    socket_claim.release()
     log.info("stopped in %.1f s", time.monotonic() - started)
     return 0 if engine.alive else EXIT_ENGINE
 
