@@ -297,3 +297,25 @@ def test_a_cache_dir_that_cannot_be_written_at_first_start_exits_cleanly(tmp_pat
     assert "cannot write the converted default model" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "s.sock").exists()
+
+
+def test_a_startup_that_fails_after_claiming_the_socket_leaves_nothing_behind(tmp_path):
+    """The daemon's life is startup/run/shutdown with shutdown in a finally: a model that
+    cannot load, after the socket path was claimed, still releases the claim (no lock file,
+    no socket) and exits with the model-error code."""
+    import os
+    import subprocess
+    import sys
+
+    from mlxkvd.daemon import EXIT_MODEL
+
+    sock_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlxkvd", "serve", "--socket", str(sock_dir / "s.sock"),
+         "--cache-dir", str(tmp_path / "cache"), "--model", str(tmp_path / "no-such-model")],
+        env={**os.environ, "MLXKV_CONFIG": ""}, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == EXIT_MODEL, proc.stderr
+    assert "does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in sock_dir.iterdir()) == []

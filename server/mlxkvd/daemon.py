@@ -1,24 +1,15 @@
-"""The ``mlxkvd`` command: serve, config, install, uninstall. Socket setup, signals and logging
-live here.
-
-Signals while serving: SIGTERM and SIGINT stop the daemon (running turns get
-``shutdown_grace_s`` to finish, then are cancelled; caches are flushed, the socket removed,
-exit 0); SIGHUP re-reads the config file and applies the settings that can change at run time
-(see ``Config``), logging the ones that need a restart.
+"""The ``mlxkvd`` command: serve, config, install, uninstall. The daemon's life itself
+(socket, signals, startup and shutdown) is ``lifecycle.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from mlxkv.paths import APP_NAME, CONFIG_ENV, CONFIG_NAME, default_config_file
 
@@ -28,7 +19,6 @@ from .config import (
     RELOADABLE,
     Config,
     add_arguments,
-    changed_settings,
     config_file_in_use,
     env_name,
     flag_name,
@@ -37,10 +27,9 @@ from .config import (
 
 log = logging.getLogger("mlxkvd")
 
-EXIT_ENGINE = 1  # the engine thread died: a restart brings the daemon back
+from .lifecycle import EXIT_MODEL, EXIT_SOCKET
+
 EXIT_USAGE = 2
-EXIT_SOCKET = 3  # the socket path cannot be used: too long, not a socket, a live daemon on it
-EXIT_MODEL = 4
 EXIT_SERVICE = 5  # launchctl / systemctl missing or failed
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -90,167 +79,6 @@ def _print_config(config: Config, sources: dict[str, str]) -> None:
             value = config.socket_path()
         note = "reloadable" if name in RELOADABLE else "restart to change"
         print(f"{name:<{width}}  {value!s:<48}  ({sources[name]}; env {env_name(name)}; {note})")
-
-
-# --- serve --------------------------------------------------------------------------------
-
-
-class _Signals:
-    """Signal handlers only record what was asked and wake the main loop, which acts on it."""
-
-    def __init__(self) -> None:
-        self.wake = threading.Event()
-        self.stop = False
-        self.reload = False
-
-    def install(self) -> None:
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGHUP, self._on_reload)
-
-    def _on_stop(self, signum, _frame) -> None:
-        log.info("received %s, shutting down", signal.Signals(signum).name)
-        self.stop = True
-        self.wake.set()
-
-    def _on_reload(self, _signum, _frame) -> None:
-        self.reload = True
-        self.wake.set()
-
-
-def reload_config(
-    current: Config,
-    load: Callable[[], Config],
-    apply: dict[str, Callable[[Any], None]],
-) -> Config:
-    """Re-read the configuration; apply what can change at run time, log what needs a restart.
-
-    Returns the configuration now in effect. A file that does not load changes nothing.
-    """
-    try:
-        new = load()
-    except ValueError as exc:
-        log.error("config reload failed, keeping the current configuration: %s", exc)
-        return current
-    changes = changed_settings(current, new)
-    if not changes:
-        log.info("config reloaded: nothing changed")
-        return current
-    applied = {}
-    # The log level last: the lines about the other settings go out at the old level.
-    for name in sorted(changes, key=lambda n: n == "log_level"):
-        old, value = changes[name]
-        if name in RELOADABLE:
-            log.info("config reloaded: %s %s -> %s", name, old, value)
-            apply[name](value)
-            applied[name] = value
-        else:
-            log.warning("config: %s changed (%s -> %s) but needs a restart to take effect", name, old, value)
-    return dataclasses.replace(current, **applied)
-
-
-def serve(config: Config, load: Callable[[], Config] | None = None) -> int:
-    """Run the daemon until SIGTERM or SIGINT; returns the exit code.
-
-    ``load`` re-reads the configuration on SIGHUP (None: SIGHUP only logs).
-    """
-    from . import blas
-
-    # Before mlx is imported: the loader only honours LD_PRELOAD at process start.
-    blas.ensure_preloaded(config.cache_dir)
-
-    signals = _Signals()
-    signals.install()
-
-    from .socketfile import SocketError, claim
-
-    socket_path = config.socket_path().absolute()
-    try:
-        socket_claim = claim(socket_path)
-    except SocketError as exc:
-        log.error("%s", exc)
-        return EXIT_SOCKET
-
-    from .conversations import ConversationRegistry
-    from .convert import ModelUnavailableError
-    from .engine import Engine
-    from .errors import ModelLoadError
-    from .kvcache import MlxCacheOps
-    from .runtime import load_runtime
-    from .server import create_server
-    from .store import CacheStore
-
-    service_unit.notify(f"STATUS=loading {config.model or 'the default model'}")
-    try:
-        runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits)
-    except (ModelLoadError, ModelUnavailableError) as exc:
-        log.error("%s", exc)
-        return EXIT_MODEL
-    if runtime.backend == "cpu" and sys.platform.startswith("linux") and not blas.is_preloaded():
-        log.warning("running without an optimized BLAS: expect about 30x slower prefill")
-
-    store = CacheStore(
-        MlxCacheOps(),
-        fingerprint=runtime.fingerprint,
-        max_bytes=config.max_cache_bytes,
-        disk_dir=config.disk_dir() if config.max_disk_bytes > 0 else None,
-        max_disk_bytes=config.max_disk_bytes,
-        ttl_s=config.cache_ttl_s or None,
-    )
-    engine = Engine(
-        runtime,
-        store,
-        ConversationRegistry(config.max_conversations),
-        write_behind_delay_s=config.write_behind_delay_s,
-        idle_unload_s=config.idle_unload_s,
-        cache_ttl_s=config.cache_ttl_s,
-    )
-    engine.start()
-    server, health, service = create_server(
-        engine,
-        socket_claim.bind_path,  # gRPC unlinks the path it bound when it stops: not the public one
-        default_max_tokens=config.default_max_tokens,
-        max_message_bytes=config.max_message_bytes,
-    )
-    service.socket_path = str(socket_path)
-    server.start()
-    socket_claim.publish()  # the socket appears at socket_path now, the one release() may remove
-    log.info("serving %s on unix://%s (pid %d)", runtime.name, socket_path, os.getpid())
-    # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart started:
-    # the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
-    service_unit.notify(f"READY=1\nSTATUS=serving {runtime.name} on {socket_path}")
-
-    apply: dict[str, Callable[[Any], None]] = {
-        "log_level": lambda level: logging.getLogger().setLevel(level),
-        "max_cache_bytes": engine.set_memory_budget,
-        "default_max_tokens": lambda n: setattr(service, "default_max_tokens", n),
-        "cache_ttl_s": engine.set_cache_ttl,
-        "idle_unload_s": engine.set_idle_unload,
-    }
-    assert set(apply) == RELOADABLE, "every reloadable setting needs a way to apply it"
-    while not signals.stop:
-        signals.wake.wait(1.0)
-        signals.wake.clear()
-        if signals.reload and not signals.stop:
-            signals.reload = False
-            if load is None:
-                log.info("received SIGHUP; there is no configuration to reload")
-            else:
-                log.info("received SIGHUP, reloading the configuration")
-                config = reload_config(config, load, apply)
-        if not engine.alive:
-            log.critical("stopping: the engine died (see above); the service manager restarts the daemon")
-            break
-
-    started = time.monotonic()
-    service_unit.notify("STOPPING=1\nSTATUS=stopping")
-    health.enter_graceful_shutdown()
-    # New turns are refused; in-flight ones get the grace period to finish, then are cancelled.
-    engine.stop(grace_s=config.shutdown_grace_s)
-    server.stop(grace=1.0).wait()
-    socket_claim.release()
-    log.info("stopped in %.1f s", time.monotonic() - started)
-    return 0 if engine.alive else EXIT_ENGINE
 
 
 # --- install / uninstall ------------------------------------------------------------------
@@ -354,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "install":
         return install(args, config, sources)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
+    from .lifecycle import serve
+
     return serve(config, load=lambda: load_config(args)[0])
 
 
