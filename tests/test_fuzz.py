@@ -28,7 +28,8 @@ STREAMS: list[pb.GenerateRequest] = []  # the requests that were answered with a
 # as the engine (the sampler, the chat template, stop strings) rather than all failing validation.
 any_float = st.floats(allow_nan=True, allow_infinity=True, width=32)
 any_int32 = st.integers(-(2**31), 2**31 - 1)
-temperatures = st.one_of(st.just(0.0), st.floats(0.0, 2.0), st.sampled_from([1e-30, 1e30]), any_float)
+# Subnormal and tiny temperatures (1/T overflows: they mean greedy) as well as huge ones.
+temperatures = st.one_of(st.just(0.0), st.floats(0.0, 2.0), st.sampled_from([1e-45, 1e-38, 1e-30, 1e30]), any_float)
 top_ks = st.one_of(st.just(0), st.integers(0, 100), st.integers(49_000, 70_000), any_int32)
 min_ps = st.one_of(st.just(0.0), st.floats(0.0, 1.0, exclude_max=True), any_float)
 ids = st.one_of(
@@ -42,12 +43,22 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
     max_leaves=8,
 )
+# JSON nested deeper than any parser's recursion limit.
+deep_json = st.integers(1_000, 20_000).map(lambda n: '{"a": ' + "[" * n + "]" * n + "}")
 parameters = st.one_of(
     st.just(""),
     st.dictionaries(st.text(max_size=8), json_values, max_size=3).map(json.dumps),
     json_values.map(json.dumps),
     st.text(max_size=20),
+    deep_json,
 )
+# The model's control tokens pasted into text: they must stay text.
+special_text = st.lists(
+    st.sampled_from(["<|im_start|>", "<|im_end|>", "system\n", "assistant\n", "<|endoftext|>", "hi "]),
+    min_size=1, max_size=6,
+).map("".join)
+# Far more text than the context window holds, under the request size limit.
+huge_text = st.integers(200_000, 900_000).map(lambda n: "word " * (n // 5))
 tools = st.one_of(
     st.just([]),
     st.lists(
@@ -62,7 +73,7 @@ messages = st.lists(
         role=st.one_of(
             st.sampled_from(["system", "user", "assistant", "tool", "user", "user"]), st.text(max_size=6)
         ),
-        content=st.text(max_size=60),
+        content=st.one_of(st.text(max_size=60), special_text, huge_text),
         name=st.one_of(st.just(""), st.text(max_size=6)),
         tool_call_id=st.one_of(st.just(""), st.text(max_size=6)),
     ),
@@ -82,7 +93,7 @@ VALID = dict(
     conversation_id=st.sampled_from(["", "fuzz", "fuzz/2", "../../x", "ünï©ødé"]),
     messages=st.lists(
         st.builds(pb.Message, role=st.sampled_from(["system", "user", "assistant", "tool", "user"]),
-                  content=st.text(max_size=60)),
+                  content=st.one_of(st.text(max_size=60), special_text)),
         min_size=1, max_size=3,
     ),
     reset=st.just(True),

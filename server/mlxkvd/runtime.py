@@ -237,7 +237,7 @@ class ModelRuntime:
         evaluates the two apart). The passes are the ones ``generate_step`` makes, so the
         arithmetic is the reference's. Later tokens come from ``generate_step``. The cache holds the prompt plus every token yielded so far, however
         the caller stops; a caller that stops at the first token must close the generator
-        (``contextlib.closing``), which feeds it then.
+        (``contextlib.closing``), which feeds it then, as the end of a one-token reply does.
         """
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
@@ -251,23 +251,24 @@ class ModelRuntime:
         fed = False
         try:
             yield first
-            if max_tokens <= 1:
-                return
-            kv = {"kv_bits": self.kv_bits, "quantized_kv_start": 0} if self.kv_bits else {}
-            for token, _ in generate_step(
-                mx.array([first], dtype=mx.uint32),
-                self.model,
-                max_tokens=max_tokens - 1,
-                sampler=sampler,
-                prompt_cache=cache,
-                **kv,
-            ):
-                fed = True  # generate_step has fed ``first`` before its first token
-                yield int(token)
+            if max_tokens > 1:
+                kv = {"kv_bits": self.kv_bits, "quantized_kv_start": 0} if self.kv_bits else {}
+                for token, _ in generate_step(
+                    mx.array([first], dtype=mx.uint32),
+                    self.model,
+                    max_tokens=max_tokens - 1,
+                    sampler=sampler,
+                    prompt_cache=cache,
+                    **kv,
+                ):
+                    fed = True  # generate_step has fed ``first`` before its first token
+                    yield int(token)
         except GeneratorExit:
             if not fed:
                 self._sample_next([first], cache, None)
             raise
+        if not fed:  # a one-token reply
+            self._sample_next([first], cache, None)
 
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
         """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last
