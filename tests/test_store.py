@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,8 @@ from hypothesis.stateful import (
     rule,
 )
 
+from mlxkvd import prefix_index
+from mlxkvd import store as store_module
 from mlxkvd.store import CacheFileError, CacheStore, common_prefix_length
 
 STEP = 16  # tokens per allocation step
@@ -313,6 +316,179 @@ def test_one_shot_sequences_share_their_prefix_and_are_bounded():
     assert store.keys() == []
 
 
+@pytest.fixture
+def plans(monkeypatch):
+    """The stored sequences a checkout compares with its request, counted."""
+    compared = []
+    real = prefix_index.plan_reuse
+
+    def counting(stored, tokens, trimmable):
+        compared.append(tuple(stored))
+        return real(stored, tokens, trimmable)
+
+    monkeypatch.setattr(store_module, "plan_reuse", counting)
+    monkeypatch.setattr(prefix_index, "plan_reuse", counting)
+    return compared
+
+
+def crowded_store(tmp_path, system):
+    """200 entries sharing ``system``, in both tiers."""
+    store = make_store(tmp_path, max_bytes=20 * alloc(100) * BYTES_PER_TOKEN)
+    for i in range(200):
+        put(store, f"other{i}", system + [1000 + i] * 30)
+    return store
+
+
+def test_own_entry_that_covers_the_request_is_taken_without_looking_at_others(tmp_path, plans):
+    system = seq(64)
+    store = crowded_store(tmp_path, system)
+    own = system + seq(20, 500)
+    put(store, "c", own)
+    request = own + seq(30, 800)
+    put(store, "sibling", request + [1])  # holds all of the request, more than "c" does
+    plans.clear()
+    got = store.checkout("c", request)
+    # A cached turn costs what it adds: the own entry is the answer, whatever else is stored.
+    assert (got.source, got.cached_tokens, got.reason) == ("conversation", len(own), "")
+    assert plans == [tuple(own)]
+
+
+def test_diverged_request_finds_the_shared_prefix_through_the_index(tmp_path, plans):
+    system = seq(64)
+    store = crowded_store(tmp_path, system)
+    put(store, "c", system + [7] * 20)
+    put(store, "fork", system + seq(40, 500))
+    request = system + seq(30, 500) + [1]
+    plans.clear()
+    got = store.checkout("c", request)
+    assert (got.source, got.cached_tokens) == ("shared_prefix", 94)
+    assert got.cache.tokens == request[:94] and got.reason == "diverged at token 64 of 84"
+    assert len(plans) == 2  # its own entry, and the one used: none of the 200 others
+
+
+def test_equal_lengths_prefer_memory_even_from_different_blocks(tmp_path):
+    ops = FakeOps()
+    store = make_store(tmp_path, ops=ops, max_bytes=0)
+    request = seq(32)  # two whole blocks of the index
+    put(store, "longer", request + [5])  # on disk, holds all of the request: gives 31
+    store.set_memory_budget(10**9)
+    put(store, "resident", seq(31) + [9])  # in memory, shares 31 tokens: gives 31 too
+    assert [store.tier_of(k) for k in ("longer", "resident")] == ["disk", "memory"]
+    got = store.checkout("new", request)
+    assert (got.source, got.tier, got.cached_tokens) == ("shared_prefix", "memory", 31)
+    assert ops.loads == 0
+
+
+def test_untrimmable_entries_beyond_the_request_give_way_to_shorter_ones():
+    store = make_store()
+    request = seq(80) + [0]
+    put(store, "beyond", seq(60) + [5] * 30, trimmable=False)  # shares 60, usable only whole
+    put(store, "whole", seq(40), trimmable=False)  # all of it is a prefix of the request
+    put(store, "trimmable", seq(30) + [6] * 10)
+    got = store.checkout("new", request)
+    assert (got.source, got.cached_tokens, got.cache.tokens) == ("shared_prefix", 40, seq(40))
+    store.delete("whole")
+    got = store.checkout("new", request)
+    assert (got.cached_tokens, got.cache.tokens) == (30, seq(30))
+
+
+def test_colliding_block_hashes_never_hand_out_other_tokens(monkeypatch):
+    monkeypatch.setattr(prefix_index, "chain_hash", lambda prev, block: 7)  # all blocks collide
+    store = make_store()
+    put(store, "a", [5] * 64)
+    put(store, "b", seq(40))
+    got = store.checkout("new", seq(64) + [1])
+    assert got.cache is None or got.cache.tokens == seq(got.cached_tokens)
+
+
+def test_entry_info_and_tier_of_follow_every_move(tmp_path):
+    one = alloc(20) * BYTES_PER_TOKEN
+    clock = FakeClock()
+    store = make_store(tmp_path, max_bytes=one, ttl_s=60, clock=clock)
+    assert store.entry_info("a") is None and store.tier_of("a") == "none"
+    put(store, "a", seq(20))
+    assert store.entry_info("a") == ("memory", tuple(seq(20)), one)
+    put(store, "b", seq(20, 100))  # a is evicted to disk
+    size = file_for(tmp_path, "a").stat().st_size
+    assert store.entry_info("a") == ("disk", tuple(seq(20)), size)
+    assert store.entry_info("b") == ("memory", tuple(seq(20, 100)), one)
+    got = store.checkout("b", seq(21, 100))  # handed over; never written
+    assert store.entry_info("b") is None and store.tier_of("b") == "none"
+    store.checkin("b", seq(20, 100), got.cache)
+    assert store.persist_next() is True  # b in both tiers: memory is what is seen
+    assert store.entry_info("b") == ("memory", tuple(seq(20, 100)), one)
+    got = store.checkout("b", seq(20, 100) + [1])
+    assert store.entry_info("b")[:2] == ("disk", tuple(seq(20, 100)))  # its file, left behind
+    got.cache.extend([1, 2])
+    store.checkin("b", seq(20, 100) + [1, 2], got.cache)
+    assert store.entry_info("b")[:2] == ("memory", tuple(seq(20, 100) + [1, 2]))
+    store.clear()  # the model was switched: the older file is what is left
+    assert store.entry_info("b")[:2] == ("disk", tuple(seq(20, 100)))
+    assert store.delete("a") and store.entry_info("a") is None
+    clock.now += 61
+    assert store.expire() == 1 and store.entry_info("b") is None
+    assert store.keys() == [] and disk_files(tmp_path) == []
+
+
+def test_status_reads_from_another_thread_see_whole_entries(tmp_path):
+    store = make_store(tmp_path, max_bytes=3 * alloc(400) * BYTES_PER_TOKEN)
+    keys = [f"c{i}" for i in range(6)]
+    stop, errors, seen = threading.Event(), [], set()
+
+    def status():
+        while not stop.is_set():
+            try:
+                for key in keys:
+                    info = store.entry_info(key)
+                    assert store.tier_of(key) in ("memory", "disk", "none")
+                    assert store.stats()["memory"]["entries"] >= 0
+                    if info is not None:
+                        tier, tokens, nbytes = info
+                        assert tier in ("memory", "disk") and isinstance(tokens, tuple)
+                        assert nbytes > 0
+                        seen.add(tier)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+                return
+
+    reader = threading.Thread(target=status)
+    reader.start()
+    try:
+        rng = random.Random(0)
+        for i in range(400):
+            key = rng.choice(keys)
+            tokens = (store.tokens_of(key) or []) + [rng.randrange(50) for _ in range(3)]
+            got = store.checkout(key, tokens)
+            cache = got.cache if got.cache is not None else FakeCache()
+            cache.extend(tokens[len(cache.tokens):])
+            store.checkin(key, tokens, cache)
+            if i % 5 == 0:
+                store.persist_next()
+    finally:
+        stop.set()
+        reader.join()
+    assert errors == [] and seen == {"memory", "disk"}
+
+
+def test_ttl_costs_a_pass_over_entries_only_when_one_can_have_expired(tmp_path, monkeypatch):
+    clock = FakeClock()
+    store = make_store(tmp_path, ttl_s=60, clock=clock)
+    passes = []
+    real = store.expire
+    monkeypatch.setattr(store, "expire", lambda: passes.append(clock.now) or real())
+    put(store, "a", seq(20))
+    clock.now += 30
+    put(store, "b", seq(20, 100))
+    for _ in range(3):
+        store.checkout("x", seq(5, 300))
+    assert passes == []
+    clock.now += 31  # a: 61 s unused
+    store.checkout("x", seq(5, 300))
+    assert len(passes) == 1 and [store.tier_of(k) for k in "ab"] == ["none", "memory"]
+    store.checkout("x", seq(5, 300))  # b is due 29 s from now
+    assert len(passes) == 1
+
+
 # ------------------------------------------------------------------------------ memory budget
 
 
@@ -434,7 +610,7 @@ def test_other_fingerprint_is_removed_with_one_line_each(tmp_path, caplog):
     store = make_store(tmp_path, max_bytes=0)
     put(store, "a", seq(20))
     put(store, "b", seq(20))
-    with caplog.at_level(logging.INFO, logger="mlxkvd.store"):
+    with caplog.at_level(logging.INFO, logger="mlxkvd.disk_tier"):
         store = make_store(tmp_path, fp="model-b")
     lines = [r for r in caplog.records if "another model" in r.getMessage()]
     assert len(lines) == 2
@@ -451,7 +627,7 @@ def test_corrupt_and_truncated_files_are_removed_at_startup(tmp_path, caplog):
     path.write_bytes(path.read_bytes()[:30])
     file_for(tmp_path, "junk").write_bytes(b"\x00\xff" * 10)
     (tmp_path / ".tmp-123-abc.json").write_text("partial")
-    with caplog.at_level(logging.WARNING, logger="mlxkvd.store"):
+    with caplog.at_level(logging.WARNING, logger="mlxkvd.disk_tier"):
         store = make_store(tmp_path)
     assert len([r for r in caplog.records if "unreadable" in r.getMessage()]) == 2
     assert disk_files(tmp_path) == [file_for(tmp_path, "good").name]
@@ -523,7 +699,7 @@ def test_disk_write_failure_is_logged_once_and_never_raised(tmp_path, caplog):
     ops = FakeOps()
     ops.fail_save = OSError(errno.ENOSPC, "No space left on device")
     store = make_store(tmp_path, ops=ops, max_bytes=alloc(20) * BYTES_PER_TOKEN)
-    with caplog.at_level(logging.WARNING, logger="mlxkvd.store"):
+    with caplog.at_level(logging.WARNING, logger="mlxkvd.disk_tier"):
         for i in range(4):
             put(store, f"k{i}", seq(20))  # each checkin evicts the previous one
     assert len([r for r in caplog.records if "No space left" in r.getMessage()]) == 1
@@ -535,7 +711,7 @@ def test_disk_write_failure_is_logged_once_and_never_raised(tmp_path, caplog):
 def test_unusable_disk_dir_disables_the_tier(tmp_path, caplog):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
-    with caplog.at_level(logging.WARNING, logger="mlxkvd.store"):
+    with caplog.at_level(logging.WARNING, logger="mlxkvd.disk_tier"):
         store = make_store(not_a_dir, max_bytes=0)
     assert any("disabled" in r.getMessage() for r in caplog.records)
     put(store, "c", seq(20))
@@ -743,7 +919,7 @@ def test_failed_persist_is_attempted_once_and_does_not_loop(tmp_path, caplog):
     store = make_store(tmp_path, ops=ops)
     for key in "abc":
         put(store, key, seq(20))
-    with caplog.at_level(logging.WARNING, logger="mlxkvd.store"):
+    with caplog.at_level(logging.WARNING, logger="mlxkvd.disk_tier"):
         results = [store.persist_next() for _ in range(6)]
         assert results == [True, True, True, False, False, False]
         assert store.flush() == 0  # nothing left to attempt, nothing was written
@@ -1234,18 +1410,22 @@ class StoreMachine(RuleBasedStateMachine):
     def _lower_bounds(self, key, tokens, reserved):
         """What the checkout must at least give: (own, best other, checkpoint length)."""
         stored = self.store.tokens_of(key)
-        own = 0
-        if stored is not None and key not in self.corrupted:
+        whole = 0  # what the own entry gives if it loads
+        if stored is not None:
             lcp = common_prefix_length(stored, tokens)
             if self._is_trimmable(key, stored):
-                own = min(lcp, len(tokens) - 1)
+                whole = min(lcp, len(tokens) - 1)
             elif lcp == len(stored) < len(tokens):
-                own = len(stored)
+                whole = len(stored)
+        own = whole if key not in self.corrupted else 0
         # Entries the reservation evicts are lost without an unbounded disk tier.
         if reserved and not self.unbounded_disk:
             return stored, own, 0, None
         best = 0
-        for k in self.ref:
+        # An own entry that covers the request (all its tokens are a prefix of it) is the
+        # answer: no other entry is looked at, however much more of the request it holds.
+        covers = stored is not None and whole == len(stored)
+        for k in self.ref if not covers else ():
             other = self.store.tokens_of(k) if k != key else None
             if other is None or k in self.corrupted:
                 continue
@@ -1279,6 +1459,10 @@ class StoreMachine(RuleBasedStateMachine):
         if got.cache is None:
             assert got.cached_tokens == 0 and got.source == "none"
         assert got.cached_tokens >= max(own, best, len(ckpt) if ckpt is not None else 0)
+        if (stored is not None and own == len(stored) and key not in self.corrupted
+                and got.source != "checkpoint"):
+            # The own entry covers the request: it is what is handed over, whole.
+            assert got.source in ("conversation", "disk") and got.cached_tokens == own
         if got.source in ("conversation", "disk"):
             assert stored is not None and got.cached_tokens <= common_prefix_length(stored, tokens)
             if not self._is_trimmable(key, stored):
@@ -1356,6 +1540,20 @@ class StoreMachine(RuleBasedStateMachine):
 
     def _pick(self):
         return self.rng.choice(sorted(self.ref))
+
+    @precondition(lambda self: self.ref)
+    @rule(n=st.integers(1, 30), reserve=RESERVE, follow=st.booleans())
+    def fork(self, n, reserve, follow):
+        """A new conversation that starts with another's whole history (a shared prefix found
+        through the index). ``follow``: the original then goes on exactly as the fork did, so
+        that its own entry covers its request while the fork holds more of it."""
+        src = self._pick()
+        self.counter += 1
+        key = f"c{self.counter}"
+        self.kind[key] = self.kind[src]
+        self._turn(key, self.ref[src] + [self.rng.randrange(50) for _ in range(n)], reserve)
+        if follow:
+            self._turn(src, self.ref[key] + [self.rng.randrange(50)], reserve)
 
     @precondition(lambda self: self.ref)
     @rule(n=st.integers(1, 30), reserve=RESERVE)
@@ -1567,7 +1765,9 @@ class StoreMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.dir is not None)
     @rule(truncate=st.booleans())
     def corrupt_a_file(self, truncate):
-        on_disk = [k for k in self._internal_keys() if file_for(self.dir, k).exists()]
+        # Not an empty file (truncated to nothing and not read since): no byte left to damage.
+        on_disk = [k for k in self._internal_keys()
+                   if file_for(self.dir, k).exists() and file_for(self.dir, k).stat().st_size]
         if not on_disk:
             return
         key = self.rng.choice(on_disk)
@@ -1662,7 +1862,8 @@ def test_long_random_sessions_with_idle_writes_and_crashes():
     does not give: long sessions in which turns, idle write-behind, spills and crashes
     interleave."""
     weights = {
-        "new_conversation": 3, "append": 6, "edit": 1, "regenerate": 1, "regenerate_reply": 2,
+        "new_conversation": 3, "fork": 1, "append": 6, "edit": 1, "regenerate": 1,
+        "regenerate_reply": 2,
         "failed_turn": 1, "delete": 1, "one_shot": 1, "evict": 1, "persist": 4, "spill": 1,
         "crash": 2, "restart": 1, "corrupt_a_file": 1,
     }
@@ -1678,6 +1879,7 @@ def test_long_random_sessions_with_idle_writes_and_crashes():
             "new_conversation": lambda: dict(n=rng.randrange(1, 31), shared=rng.random() < 0.5,
                                              trimmable=rng.random() < 0.5),
             "append": lambda: dict(n=rng.randrange(1, 31)),
+            "fork": lambda: dict(n=rng.randrange(1, 31), follow=rng.random() < 0.5),
             "one_shot": lambda: dict(n=rng.randrange(1, 31)),
             "regenerate_reply": lambda: dict(edit_last=rng.random() < 0.3),
             "evict": lambda: dict(tokens=rng.choice([0, 32, 64, 160])),
@@ -1685,8 +1887,8 @@ def test_long_random_sessions_with_idle_writes_and_crashes():
             "spill": lambda: dict(fail=rng.random() < 0.2),
             "corrupt_a_file": lambda: dict(truncate=rng.random() < 0.5),
         }
-        takes_reserve = {"new_conversation", "append", "edit", "regenerate", "regenerate_reply",
-                         "failed_turn", "one_shot"}
+        takes_reserve = {"new_conversation", "fork", "append", "edit", "regenerate",
+                         "regenerate_reply", "failed_turn", "one_shot"}
         try:
             for _ in range(60):
                 name = rng.choices(names, w)[0]

@@ -1,8 +1,10 @@
 """The cache store: token sequences -> KV caches, in memory and on disk.
 
-Pure bookkeeping. No gRPC, no threads, no model: it is called only from the engine thread that
-owns MLX, and everything that touches a cache object goes through an adapter (``ops``, see
-``CacheOps``), so the rules here are tested with fake caches (tests/test_store.py).
+Pure bookkeeping. No gRPC, no threads, no model: it is called from the engine thread that owns
+MLX, and everything that touches a cache object goes through an adapter (``ops``, see
+``CacheOps``), so the rules here are tested with fake caches (tests/test_store.py). The disk tier
+is ``disk_tier.DiskTier`` (file naming, atomic writes, integrity checks: its own rules); shared
+prefixes are found through ``prefix_index.PrefixIndex``.
 
 Rules, in one place:
 
@@ -13,9 +15,13 @@ Rules, in one place:
   daemon killed with SIGKILL between turns still finds every conversation's history on disk. A
   key's disk file is only replaced by a newer one, never removed by a checkout or checkin: until
   it is replaced it holds an older, still valid prefix of the conversation.
-- ``checkout`` looks for the key's own entry in memory, then on disk, then for the longest shared
-  prefix with any other entry (copied, never handed over), and trims what it hands out so that the
-  cache holds exactly ``tokens[:cached_tokens]``, with at least one token left to prefill.
+- ``checkout`` looks for the key's own entry in memory, then on disk. An own entry that covers
+  the request (all its tokens are a prefix of it) is the answer, and no other entry is searched
+  for (only the key's checkpoint, found by its key, can still give more): a cached turn costs
+  what it adds, however many entries are stored. Otherwise the key's checkpoint or the longest
+  prefix shared with any other entry, found through the prefix index (copied, never handed
+  over), is taken when it gives more. What is handed out is trimmed so that the cache holds
+  exactly ``tokens[:cached_tokens]``, with at least one token left to prefill.
 - Memory is bounded by allocated bytes (``ops.nbytes``), in LRU order (lru-dict); what does not fit
   spills to the disk tier, which is bounded by file bytes, also in LRU order. The cache a turn has
   checked out counts too: ``checkout(reserve_bytes=...)`` makes room for what it will grow to, so
@@ -25,34 +31,34 @@ Rules, in one place:
   copy taken at the turn boundary (before the generation prompt); it is stored as an entry of its
   own, under a key derived from the conversation's, and ``checkout`` resumes from it (source
   ``checkpoint``) when the conversation's own cache does not fit the request.
-- Disk files are named by sha256(fingerprint, key), written to a temporary name and renamed, and
-  carry the exact tokens, the key, the model fingerprint and a checksum in their metadata. A file
-  that is unreadable, corrupt, or made with another model is removed, never served. Disk errors
-  are logged and the entry is dropped; they never escape ``checkin``/``checkout``.
-
-Integrity: the checksum is computed by ``ops.save`` and verified by ``ops.load`` (they are the
-only ones that see the array bytes); it covers the metadata (hence the tokens) and the arrays.
-``ops.load`` raises on mismatch; the store additionally checks that the loaded metadata and token
-count match its index.
+- Nothing is served from a disk file that fails its checks (see ``disk_tier``). Disk errors are
+  logged and the entry is dropped; they never escape ``checkin``/``checkout``.
+- Threads. Only ``tier_of``, ``entry_info``, ``tokens_of`` and ``stats`` may be called from other
+  threads (the gRPC status handlers) while the engine thread changes the store: each is O(1) and
+  reads one plain dict entry or a few counters, never a structure being rebuilt. Everything
+  else belongs to the engine thread.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import lru
 
+from .disk_tier import CacheFileError, DiskTier, open_disk_dir
+from .prefix_index import DEFAULT_BLOCK, Candidate, EntryIndex, common_prefix_length, plan_reuse
+
+__all__ = ["CacheFileError", "CacheOps", "CacheStore", "Lookup", "common_prefix_length"]
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = "1"
 # A shared prefix shorter than this is not worth a copy (and is mostly chat-template boilerplate).
 DEFAULT_MIN_SHARED_PREFIX = 16
 # One-shot (key None) sequences kept for prefix sharing, memory only.
@@ -63,11 +69,6 @@ _GONE_CAPACITY = 4096
 _UNBOUNDED = 2**31 - 1
 _ANON_PREFIX = "\x00anon:"
 _CHECKPOINT_SUFFIX = "\x00checkpoint"
-_TMP_PREFIX = ".tmp-"
-
-
-class CacheFileError(Exception):
-    """A disk-tier file is unreadable, truncated, or fails its checksum."""
 
 
 class CacheOps(Protocol):
@@ -102,72 +103,16 @@ class _Entry:
     tokens: tuple[int, ...]
     cache: Any
     nbytes: int
+    trimmable: bool
     last_used: float
     persisted: bool = False  # the disk tier holds these exact tokens for this key
     write_attempted: bool = False
 
 
 @dataclass
-class _DiskEntry:
-    tokens: tuple[int, ...]
-    path: Path
-    size: int
-    trimmable: bool
-    last_used: float
-
-
-@dataclass
 class _TierStats:
     hits: int = 0
     misses: int = 0
-
-
-@dataclass
-class _Candidate:
-    """A place a cache could come from, before it is actually taken."""
-
-    key: str
-    tier: str  # "memory" | "disk"
-    reusable: int  # tokens it would give
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix; compares tuples block by block at C speed."""
-    a, b = tuple(a), tuple(b)
-    n = min(len(a), len(b))
-    lo, block = 0, 256
-    while lo < n:
-        hi = min(lo + block, n)
-        if a[lo:hi] != b[lo:hi]:
-            while a[lo] == b[lo]:
-                lo += 1
-            return lo
-        lo = hi
-    return n
-
-
-@dataclass
-class _Plan:
-    """How much of a stored sequence a request can reuse."""
-
-    reusable: int
-    reason: str = ""
-    diverged_at: int | None = None
-    needs_trim: bool = False
-
-
-def _plan(stored: Sequence[int], tokens: Sequence[int], trimmable: bool) -> _Plan:
-    lcp = common_prefix_length(stored, tokens)
-    reusable = min(lcp, len(tokens) - 1)
-    if reusable == len(stored):
-        return _Plan(reusable)
-    if lcp < min(len(stored), len(tokens)):
-        reason = f"diverged at token {lcp} of {len(stored)}"
-    else:  # the request is a prefix of what is stored (regenerate), or equal to it
-        reason = f"request ends at token {len(tokens)} of {len(stored)}"
-    if not trimmable:
-        return _Plan(0, reason + "; cache cannot be trimmed", lcp)
-    return _Plan(reusable, reason, lcp, needs_trim=True)
 
 
 class CacheStore:
@@ -177,6 +122,8 @@ class CacheStore:
     fingerprint are removed at startup. ``max_bytes`` bounds resident (allocated) bytes;
     0 keeps nothing in memory. ``max_disk_bytes`` bounds the disk tier (0 or no ``disk_dir``:
     no disk tier). ``ttl_s`` forgets entries unused for that long (see ``expire``).
+    ``min_shared_prefix`` is the shortest prefix worth copying from another entry; it also sets
+    the prefix index's block size (at most 16 tokens), so that no such prefix is missed.
     """
 
     def __init__(
@@ -193,30 +140,37 @@ class CacheStore:
         max_anonymous: int = DEFAULT_MAX_ANONYMOUS,
     ):
         self._ops = ops
-        self._fingerprint = fingerprint
         self._max_bytes = max_bytes
-        self._max_disk_bytes = max_disk_bytes
         self._ttl_s = ttl_s
         self._clock = clock
         self._min_shared_prefix = min_shared_prefix
         self._max_anonymous = max_anonymous
         # lru.LRU rather than OrderedDict: it is the LRU order (keys() is most recent first,
         # peek_last_item() is the eviction victim). Its eviction callback is not used: the
-        # budget is in bytes, not entries, so eviction is explicit in _enforce_*_budget.
+        # budget is in bytes, not entries, so eviction is explicit in _enforce_memory_budget.
         self._mem: lru.LRU = lru.LRU(_UNBOUNDED)
         self._mem_bytes = 0
+        self._anonymous = 0  # one-shot entries in memory
         self._reserved = 0  # bytes the checked-out cache may grow to (see checkout)
-        self._disk: lru.LRU = lru.LRU(_UNBOUNDED)
-        self._disk_bytes = 0
         self._gone: lru.LRU = lru.LRU(_GONE_CAPACITY)  # key -> why it is no longer stored
+        # Where each key's entry is seen (the resident one if it is in both tiers), and by
+        # prefix. Every change of where an entry lives goes through _place or _relocate.
+        self._entries = EntryIndex(max(1, min(DEFAULT_BLOCK, min_shared_prefix)))
+        self._oldest_use = math.inf  # no entry was used before this (see _expire_if_due)
         self._mem_stats = _TierStats()
         self._disk_stats = _TierStats()
         self._shared_hits = 0
         self._tokens_saved = 0
-        self._last_disk_error = ""
-        self._disk_dir = self._open_disk_dir(disk_dir) if disk_dir and max_disk_bytes > 0 else None
-        if self._disk_dir is not None:
-            self._scan_disk()
+        self._disk: DiskTier | None = None
+        directory = open_disk_dir(disk_dir) if disk_dir and max_disk_bytes > 0 else None
+        if directory is not None:
+            self._disk = DiskTier(ops, directory, fingerprint=fingerprint,
+                                  max_bytes=max_disk_bytes, clock=clock,
+                                  on_drop=self._dropped_from_disk)
+            for key, dentry in self._disk.items():
+                self._relocate(key)
+                self._oldest_use = min(self._oldest_use, dentry.last_used)
+            self._entries.refresh()  # now, rather than in the first turn that searches
 
     # ----------------------------------------------------------------------------- public API
 
@@ -225,10 +179,12 @@ class CacheStore:
         (or ``release``).
 
         The key's own entry (memory, then disk) is removed from the store and handed over
-        without a copy. If another entry shares a longer prefix with ``tokens`` (the own entry
-        diverged early or was not found), of at least ``min_shared_prefix`` tokens, that prefix
-        is copied instead and the own entry is dropped; the key's own checkpoint is such an
-        entry, whatever its length. Always ``cached_tokens < len(tokens)``.
+        without a copy. If all its tokens are a prefix of ``tokens`` (the usual next turn), it
+        is the answer: no other entry is looked at, except the key's own checkpoint if that is
+        longer. Otherwise (the own entry diverged or was not found), if another entry shares a
+        longer prefix with ``tokens``, of at least ``min_shared_prefix`` tokens, that prefix is
+        copied instead and the own entry is dropped; the key's own checkpoint is such an entry,
+        whatever its length. Always ``cached_tokens < len(tokens)``.
 
         ``reserve_bytes`` is what the handed-out cache may grow to during the turn: other
         entries are evicted (to disk) until it fits the memory budget beside them.
@@ -241,11 +197,7 @@ class CacheStore:
         self._enforce_memory_budget()
         # Another entry may hold more of this sequence (a fork, a longer sibling, the key's
         # checkpoint): copying tokens is far cheaper than prefilling them.
-        checkpoint = _checkpoint_key(key) if key is not None else None
-        floor = max(own.cached_tokens, self._min_shared_prefix - 1)
-        shared = self._take_shared(
-            tokens, exclude=key, better_than=floor, prefer=checkpoint, prefer_above=own.cached_tokens
-        )
+        shared = self._take_shared(key, tokens, own)
         if shared is not None:
             # Whatever the own entry held is dropped: the engine checks in the new history.
             shared.reason, shared.diverged_at = own.reason, own.diverged_at
@@ -268,7 +220,7 @@ class CacheStore:
         """Move every memory entry to the disk tier (the model is being unloaded), writing
         those not on disk yet. One-shot entries are dropped; an entry that cannot be written
         stays in memory. Returns how many entries left memory."""
-        if self._disk_dir is None:
+        if self._disk is None:
             return 0
         moved = 0
         for key, entry in list(reversed(self._mem.items())):  # least recently used first
@@ -316,12 +268,12 @@ class CacheStore:
         self._gone.pop(key, None)
         if not tokens:
             return
-        entry = _Entry(tokens, cache, self._ops.nbytes(cache), self._clock())
+        entry = _Entry(tokens, cache, self._ops.nbytes(cache), self._ops.can_trim(cache),
+                       self._clock())
         if entry.nbytes > self._max_bytes:
             self._evict(key, entry)
             return
-        self._mem[key] = entry
-        self._mem_bytes += entry.nbytes
+        self._place(key, entry)
         self._enforce_memory_budget()
 
     def delete(self, key: str) -> bool:
@@ -332,24 +284,32 @@ class CacheStore:
         return removed
 
     def tokens_of(self, key: str) -> list[int] | None:
-        """The tokens stored for ``key`` in either tier (no arrays loaded), or None."""
-        entry = self._peek(self._mem, key)
-        if entry is None:
-            entry = self._peek(self._disk, key)
-        return list(entry.tokens) if entry is not None else None
+        """The tokens stored for ``key`` (the resident ones if it is in both tiers; no arrays
+        loaded), or None. O(1) but for the copy; safe from any thread."""
+        where = self._entries.get(key)
+        return list(where[1].tokens) if where is not None else None
 
     def tier_of(self, key: str) -> str:
-        """"memory" | "disk" | "none"."""
-        if key in self._mem:
-            return "memory"
-        if key in self._disk:
-            return "disk"
-        return "none"
+        """"memory" | "disk" | "none". O(1); safe from any thread."""
+        where = self._entries.get(key)
+        return where[0] if where is not None else "none"
+
+    def entry_info(self, key: str) -> tuple[str, tuple[int, ...], int] | None:
+        """``(tier, tokens, nbytes)`` of ``key``'s entry as ``checkout`` would find it (memory
+        if resident, else disk; allocated bytes in memory, file bytes on disk), or None.
+        O(1); safe from any thread: one read of a plain dict whose values are never changed in
+        place."""
+        where = self._entries.get(key)
+        if where is None:
+            return None
+        tier, entry = where
+        return tier, entry.tokens, entry.nbytes
 
     def keys(self) -> list[str]:
         """Conversation keys stored in either tier (each once), most recently used first within
         a tier, memory first."""
-        keys = dict.fromkeys([*self._mem.keys(), *self._disk.keys()])  # a key can be in both
+        on_disk = self._disk.keys() if self._disk is not None else []
+        keys = dict.fromkeys([*self._mem.keys(), *on_disk])  # a key can be in both
         return [k for k in keys if not _is_internal(k)]
 
     def persist_next(self) -> bool:
@@ -369,7 +329,7 @@ class CacheStore:
     def _persist_one(self) -> bool | None:
         """One step of ``persist_next``: None if there was nothing to write, else whether the
         write succeeded."""
-        if self._disk_dir is None:
+        if self._disk is None:
             return None
         # Least recently used first, so that the disk tier's LRU order (a write makes a file the
         # most recent) ends up matching memory's, and its budget evicts the oldest conversation.
@@ -380,7 +340,7 @@ class CacheStore:
             # A failed write (disk full, too large for the budget) is not retried on every
             # idle moment; the next checkin of the key makes it a candidate again.
             entry.write_attempted = True
-            entry.persisted = self._write_disk(key, entry)
+            entry.persisted = self._write(key, entry)
             return entry.persisted
         return None
 
@@ -402,11 +362,13 @@ class CacheStore:
                 self._pop_memory(key)
                 self._gone[key] = "expired"
                 count += 1
-        for key, dentry in list(self._disk.items()):
-            if dentry.last_used < deadline:
-                self._pop_disk(key)
-                self._gone[key] = "expired"
-                count += 1
+        for key in self._disk.expire(deadline) if self._disk is not None else []:
+            self._relocate(key)
+            self._gone[key] = "expired"
+            count += 1
+        uses = [e.last_used for _, e in self._mem.items()]
+        uses += [d.last_used for _, d in (self._disk.items() if self._disk is not None else [])]
+        self._oldest_use = min(uses, default=math.inf)
         if count:
             log.info("expired %d cache entries unused for %.0f s", count, self._ttl_s)
         return count
@@ -421,7 +383,8 @@ class CacheStore:
         self._enforce_memory_budget()
 
     def stats(self) -> dict:
-        """Counters for the status RPC."""
+        """Counters for the status RPC. O(1); safe from any thread."""
+        disk = self._disk
         return {
             "memory": {
                 "entries": len(self._mem),
@@ -432,10 +395,10 @@ class CacheStore:
                 "misses": self._mem_stats.misses,
             },
             "disk": {
-                "enabled": self._disk_dir is not None,
-                "entries": len(self._disk),
-                "bytes": self._disk_bytes,
-                "budget_bytes": self._max_disk_bytes if self._disk_dir is not None else 0,
+                "enabled": disk is not None,
+                "entries": len(disk) if disk is not None else 0,
+                "bytes": disk.nbytes if disk is not None else 0,
+                "budget_bytes": disk.max_bytes if disk is not None else 0,
                 "hits": self._disk_stats.hits,
                 "misses": self._disk_stats.misses,
             },
@@ -449,15 +412,15 @@ class CacheStore:
         """Remove ``key``'s own entry from whichever tier holds it and trim it for ``tokens``."""
         entry = self._pop_memory(key)
         if entry is not None:
-            stored, trimmable = entry.tokens, self._ops.can_trim(entry.cache)
+            stored, trimmable = entry.tokens, entry.trimmable
         else:
-            dentry = self._disk.get(key)
+            dentry = self._disk.get(key) if self._disk is not None else None
             if dentry is None:
                 return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
             stored, trimmable = dentry.tokens, dentry.trimmable
         if not tokens:
             return Lookup(None, 0, "none", f"request ends at token 0 of {len(stored)}", 0)
-        plan = _plan(stored, tokens, trimmable)
+        plan = plan_reuse(stored, tokens, trimmable)
         if plan.reusable == 0:  # nothing worth handing over (nor a file worth reading)
             return Lookup(None, 0, "none", plan.reason, plan.diverged_at)
         if entry is not None:
@@ -466,78 +429,59 @@ class CacheStore:
             return Lookup(entry.cache, plan.reusable, "conversation", plan.reason,
                           plan.diverged_at, "memory")
         # A fresh object read from the file: the file stays, a valid prefix until replaced.
-        cache = self._load_disk(key, dentry)
+        cache = self._disk.load(key, plan.reusable)
         if cache is None:
             return Lookup(None, 0, "none", self._gone.get(key, "not cached"))
-        dentry.last_used = self._clock()
-        cache = self._fit(cache, len(stored), plan.reusable)
         return Lookup(cache, plan.reusable, "disk", plan.reason, plan.diverged_at, "disk")
 
-    def _take_shared(
-        self,
-        tokens,
-        *,
-        exclude: str | None,
-        better_than: int,
-        prefer: str | None = None,
-        prefer_above: int = 0,
-    ) -> Lookup | None:
-        """Copy the longest prefix of ``tokens`` held by another entry, if longer than
-        ``better_than`` (or, for the entry ``prefer``, than ``prefer_above``). A candidate that
-        fails to load is skipped for the next best."""
-        candidates = []
-        for tier, table in (("memory", self._mem), ("disk", self._disk)):
-            for key, entry in table.items():
-                if key == exclude or (tier == "disk" and key in self._mem):
-                    continue
-                trimmable = (
-                    self._ops.can_trim(entry.cache) if tier == "memory" else entry.trimmable
-                )
-                plan = _plan(entry.tokens, tokens, trimmable)
-                if plan.reusable > (prefer_above if key == prefer else better_than):
-                    candidates.append(_Candidate(key, tier, plan.reusable))
-        # Longest first; the preferred entry, then memory before disk at equal length.
-        candidates.sort(key=lambda c: (-c.reusable, c.key != prefer, c.tier != "memory"))
+    def _take_shared(self, key: str | None, tokens: tuple[int, ...], own: Lookup) -> Lookup | None:
+        """Copy more of ``tokens`` than ``own`` gives from another entry: the key's checkpoint
+        (whatever its length), or the longest prefix shared with any other entry, of at least
+        ``min_shared_prefix`` tokens; the checkpoint first at equal length. When the own entry
+        covers the request only the checkpoint is looked at. A candidate that fails to load is
+        skipped for the next best."""
+        checkpoint = _checkpoint_key(key) if key is not None else None
+        first = None
+        if checkpoint is not None:
+            first = self._entries.candidate(checkpoint, tokens, better_than=own.cached_tokens)
+        candidates: Iterable[Candidate] = [first] if first is not None else []
+        # Searched only if the own entry does not cover the request: not handed over whole (all
+        # its tokens a prefix of the request), nor as much as any entry could give.
+        if own.cache is None or (own.diverged_at is not None
+                                 and own.cached_tokens < len(tokens) - 1):
+            floor = max(own.cached_tokens, self._min_shared_prefix - 1)
+            candidates = self._entries.longest(tokens, better_than=floor,
+                                               exclude=(key, checkpoint), first=first)
         for cand in candidates:
-            cache = self._copy_from(cand)
+            cache = self._copy_from(cand, tokens)
             if cache is not None:
-                source = "checkpoint" if cand.key == prefer else "shared_prefix"
+                source = "checkpoint" if cand.key == checkpoint else "shared_prefix"
                 return Lookup(cache, cand.reusable, source, tier=cand.tier)
         return None
 
-    def _copy_from(self, cand: _Candidate):
+    def _copy_from(self, cand: Candidate, tokens: tuple[int, ...]):
         """A new cache holding the candidate's first ``reusable`` tokens, or None."""
-        if cand.tier == "memory":
-            entry = self._mem[cand.key]  # indexing marks it recently used: it earned it
-            entry.last_used = self._clock()
-            try:
-                return self._ops.copy_prefix(entry.cache, cand.reusable)
-            except Exception as e:  # an unsupported cache type must not fail the turn
-                log.warning("cannot copy a shared prefix of %d tokens: %s", cand.reusable, e)
-                return None
-        dentry = self._disk[cand.key]
-        cache = self._load_disk(cand.key, dentry)  # a fresh object: no copy needed
-        if cache is not None:
-            dentry.last_used = self._clock()
-            cache = self._fit(cache, len(dentry.tokens), cand.reusable)
-        return cache
-
-    def _fit(self, cache, held: int, n: int):
-        """A cache loaded from disk, cut to its first ``n`` of ``held`` tokens. Trimming keeps
-        the allocation of all ``held``, so a large cut is copied instead: a long file must not
-        hold memory for tokens nobody uses."""
-        if held - n <= n:
-            if held > n:
-                self._ops.trim(cache, held - n)
-            return cache
-        return self._ops.copy_prefix(cache, n)
+        where = self._entries.get(cand.key)
+        if where is None or where[0] != cand.tier:  # dropped since (a corrupt file)
+            return None
+        if plan_reuse(where[1].tokens, tokens, where[1].trimmable).reusable != cand.reusable:
+            return None  # the index trusts block hashes; what is handed out is exact
+        if cand.tier == "disk":
+            return self._disk.load(cand.key, cand.reusable)  # a fresh object: no copy needed
+        entry = self._mem[cand.key]  # indexing marks it recently used: it earned it
+        entry.last_used = self._clock()
+        try:
+            return self._ops.copy_prefix(entry.cache, cand.reusable)
+        except Exception as e:  # an unsupported cache type must not fail the turn
+            log.warning("cannot copy a shared prefix of %d tokens: %s", cand.reusable, e)
+            return None
 
     def _count(self, lookup: Lookup) -> None:
         if lookup.tier == "memory":
             self._mem_stats.hits += 1
         else:
             self._mem_stats.misses += 1
-            if self._disk_dir is not None:
+            if self._disk is not None:
                 if lookup.tier == "disk":
                     self._disk_stats.hits += 1
                 else:
@@ -546,29 +490,47 @@ class CacheStore:
             self._shared_hits += 1
         self._tokens_saved += lookup.cached_tokens
 
-    # ----------------------------------------------------------------------------- memory tier
+    # ------------------------------------------------------------------- where entries live
 
-    @staticmethod
-    def _peek(table: lru.LRU, key: str):
-        # lru-dict has no peek(key): ``table[key]`` and ``get`` mark the key recently used,
-        # ``in`` and ``items()`` do not. A status query must not change the eviction order.
-        if key not in table:
-            return None
-        return next(entry for k, entry in table.items() if k == key)
+    def _place(self, key: str, entry: _Entry) -> None:
+        """Make ``entry`` the resident entry of ``key`` (not there yet), most recently used."""
+        self._mem[key] = entry
+        self._mem_bytes += entry.nbytes
+        self._anonymous += _is_anonymous(key)
+        self._entries.set(key, "memory", entry)
+        self._oldest_use = min(self._oldest_use, entry.last_used)
 
     def _pop_memory(self, key: str) -> _Entry | None:
         entry = self._mem.pop(key, None)
         if entry is not None:
             self._mem_bytes -= entry.nbytes
+            self._anonymous -= _is_anonymous(key)
+            self._relocate(key)
         return entry
+
+    def _relocate(self, key: str) -> None:
+        """``key`` left memory, or its disk file changed: record where it is now seen."""
+        if key in self._mem:  # the resident entry is the one seen; _place recorded it
+            return
+        dentry = self._disk.peek(key) if self._disk is not None else None
+        if dentry is None:
+            self._entries.discard(key)
+        else:
+            self._entries.set(key, "disk", dentry)
+
+    def _dropped_from_disk(self, key: str, reason: str) -> None:
+        """The disk tier dropped ``key``'s file by itself (evicted, corrupt, another model)."""
+        self._gone[key] = reason
+        self._relocate(key)
 
     def _enforce_memory_budget(self) -> None:
         while self._mem_bytes + self._reserved > self._max_bytes and len(self._mem):
             key, _ = self._mem.peek_last_item()
             self._evict(key, self._pop_memory(key))
-        anonymous = [k for k in self._mem.keys() if _is_anonymous(k)]  # most recent first
-        for key in anonymous[self._max_anonymous :]:
-            self._pop_memory(key)
+        if self._anonymous > self._max_anonymous:
+            anonymous = [k for k in self._mem.keys() if _is_anonymous(k)]  # most recent first
+            for key in anonymous[self._max_anonymous :]:
+                self._pop_memory(key)
 
     def _evict(self, key: str, entry: _Entry) -> bool:
         """Move an entry out of memory: to disk if there is a disk tier, else drop it.
@@ -582,170 +544,32 @@ class CacheStore:
     def _on_disk(self, key: str, entry: _Entry) -> bool:
         """Make sure the disk tier holds ``entry`` (writing it if need be); False if it cannot
         (no disk tier, a failed write, a one-shot entry)."""
-        if _is_anonymous(key):
+        if self._disk is None or _is_anonymous(key):
             return False
         if entry.persisted and key in self._disk:
             return True
-        return self._disk_dir is not None and self._write_disk(key, entry)
+        return self._write(key, entry)
+
+    def _write(self, key: str, entry: _Entry) -> bool:
+        ok = self._disk.write(key, entry.tokens, entry.cache, last_used=entry.last_used)
+        self._oldest_use = min(self._oldest_use, entry.last_used)
+        self._relocate(key)
+        return ok
 
     def _anonymous_key(self, tokens: tuple[int, ...]) -> str:
         return _ANON_PREFIX + hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
 
     def _remove(self, key: str) -> bool:
         in_memory = self._pop_memory(key) is not None
-        on_disk = self._pop_disk(key)
+        on_disk = self._disk is not None and self._disk.remove(key)
+        self._relocate(key)
         return in_memory or on_disk
 
     def _expire_if_due(self) -> None:
-        if self._ttl_s is not None:
+        # Nothing can have expired before the least recently used entry did: an O(1) test per
+        # turn instead of a pass over every entry.
+        if self._ttl_s is not None and self._clock() - self._ttl_s > self._oldest_use:
             self.expire()
-
-    # ------------------------------------------------------------------------------- disk tier
-
-    def _open_disk_dir(self, disk_dir: Path) -> Path | None:
-        try:
-            disk_dir = Path(disk_dir)
-            disk_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            if not os.access(disk_dir, os.W_OK | os.X_OK):
-                raise PermissionError(errno.EACCES, "not writable", str(disk_dir))
-        except OSError as e:
-            log.warning("disk cache tier disabled: cannot use %s: %s", disk_dir, e)
-            return None
-        return disk_dir
-
-    def _path_for(self, key: str) -> Path:
-        assert self._disk_dir is not None
-        name = hashlib.sha256(f"{self._fingerprint}\x00{key}".encode()).hexdigest()
-        return self._disk_dir / (name + self._ops.file_suffix)
-
-    def _scan_disk(self) -> None:
-        """Build the disk index from file metadata (no arrays), oldest first so that the most
-        recently written file ends up most recently used; remove what cannot be served."""
-        assert self._disk_dir is not None
-        found = []
-        for path in self._disk_dir.iterdir():
-            if path.name.startswith(_TMP_PREFIX):  # a write interrupted by a crash
-                self._unlink(path)
-                continue
-            if not path.name.endswith(self._ops.file_suffix) or not path.is_file():
-                continue
-            try:
-                st = path.stat()
-                meta = self._ops.read_metadata(path)
-                key, tokens = meta["key"], tuple(json.loads(meta["tokens"]))
-                fingerprint = meta["fingerprint"]
-                trimmable = meta["trimmable"] == "1"
-                if meta["index_checksum"] != _index_checksum(meta):
-                    raise CacheFileError("metadata checksum mismatch")
-            except (OSError, CacheFileError, KeyError, ValueError, TypeError) as e:
-                log.warning("disk cache: removing unreadable file %s: %s", path.name, e)
-                self._unlink(path)
-                continue
-            if fingerprint != self._fingerprint:
-                log.info("disk cache: removing %s, stored with another model", path.name)
-                self._gone[key] = "stored with another model"
-                self._unlink(path)
-                continue
-            if path != self._path_for(key) or not all(isinstance(t, int) for t in tokens):
-                log.warning("disk cache: removing %s, its metadata does not match its name",
-                            path.name)
-                self._unlink(path)
-                continue
-            found.append((st.st_mtime, key, _DiskEntry(tokens, path, st.st_size, trimmable, 0)))
-        now_wall, now = time.time(), self._clock()
-        for mtime, key, dentry in sorted(found, key=lambda f: f[0]):
-            dentry.last_used = now - max(0.0, now_wall - mtime)
-            self._disk[key] = dentry
-            self._disk_bytes += dentry.size
-        if found:
-            log.info("disk cache: %d entries, %d bytes", len(found), self._disk_bytes)
-        self._enforce_disk_budget()
-
-    def _write_disk(self, key: str, entry: _Entry) -> bool:
-        """Write ``entry`` as ``key``'s disk file, atomically. False (logged) on any failure."""
-        path = self._path_for(key)
-        tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
-        metadata = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "fingerprint": self._fingerprint,
-            "tokens": json.dumps(list(entry.tokens)),
-            "trimmable": "1" if self._ops.can_trim(entry.cache) else "0",
-        }
-        metadata["index_checksum"] = _index_checksum(metadata)
-        try:
-            self._ops.save(tmp, entry.cache, metadata)
-            os.replace(tmp, path)
-            size = path.stat().st_size
-        except Exception as e:  # OSError mostly; MLX raises RuntimeError for I/O failures
-            self._disk_error("write", path, e)
-            self._unlink(tmp)
-            return False
-        self._last_disk_error = ""
-        self._pop_disk(key, unlink=False)  # replaced in place by os.replace
-        if size > self._max_disk_bytes:  # would push out everything else and still not fit
-            self._unlink(path)
-            return False
-        self._disk[key] = _DiskEntry(entry.tokens, path, size, metadata["trimmable"] == "1",
-                                     entry.last_used)
-        self._disk_bytes += size
-        self._enforce_disk_budget()
-        return key in self._disk
-
-    def _load_disk(self, key: str, dentry: _DiskEntry):
-        """Load ``key``'s cache from disk, or None (logged, file removed) if it can't be trusted."""
-        try:
-            cache, meta = self._ops.load(dentry.path)
-            if (
-                meta.get("key") != key
-                or meta.get("fingerprint") != self._fingerprint
-                or tuple(json.loads(meta.get("tokens", "null"))) != dentry.tokens
-                or self._ops.num_tokens(cache) not in (None, len(dentry.tokens))
-            ):
-                raise CacheFileError("contents do not match the index")
-        except Exception as e:
-            log.warning("disk cache: removing %s: %s", dentry.path.name, e)
-            self._pop_disk(key)
-            self._gone[key] = "cache file was corrupt"
-            return None
-        return cache
-
-    def _pop_disk(self, key: str, *, unlink: bool = True) -> bool:
-        dentry = self._disk.pop(key, None)
-        if dentry is None:
-            return False
-        self._disk_bytes -= dentry.size
-        if unlink:
-            self._unlink(dentry.path)
-        return True
-
-    def _enforce_disk_budget(self) -> None:
-        while self._disk_bytes > self._max_disk_bytes and len(self._disk):
-            key, _ = self._disk.peek_last_item()
-            self._pop_disk(key)
-            self._gone[key] = "evicted"
-
-    def _unlink(self, path: Path) -> None:
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as e:
-            self._disk_error("remove", path, e)
-
-    def _disk_error(self, action: str, path: Path, error: BaseException) -> None:
-        # One clear line per kind of failure; a full or read-only disk would otherwise log the
-        # same line on every eviction. A success in between re-arms the warning.
-        kind = f"{action}:{type(error).__name__}:{getattr(error, 'errno', None)}"
-        level = logging.DEBUG if kind == self._last_disk_error else logging.WARNING
-        log.log(level, "disk cache: cannot %s %s: %s; serving from memory only",
-                action, path.name, error)
-        self._last_disk_error = kind
-
-
-def _index_checksum(metadata: dict[str, str]) -> str:
-    """sha256 of what the disk index trusts without loading arrays (``ops.load`` verifies the
-    full checksum, arrays included, before anything is handed out)."""
-    fields = [metadata[k] for k in ("format", "key", "fingerprint", "tokens", "trimmable")]
-    return hashlib.sha256(json.dumps(fields).encode()).hexdigest()
 
 
 def _is_anonymous(key: str) -> bool:
