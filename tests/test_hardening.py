@@ -319,3 +319,17 @@ def test_a_startup_that_fails_after_claiming_the_socket_leaves_nothing_behind(tm
     assert "does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in sock_dir.iterdir()) == []
+
+
+def test_conversation_listings_show_tokens_and_cache_bytes(shared_daemon):
+    """`mlxkv conversations ls` used to show 0 / 0 B for every conversation."""
+    with Client(shared_daemon.socket) as client:
+        chat = client.conversation("sized", system="Be brief.")
+        turn = chat.send("Name a color.", max_tokens=3)
+        listed = {c.conversation_id: c for c in client.list_conversations()}["sized"]
+        got = client.get_conversation("sized")
+        for c in (listed, got):
+            assert c.tokens == turn.prompt_tokens + turn.completion_tokens
+            assert c.cache_tier == "memory"
+            assert c.cache_bytes >= c.tokens * 1000  # float32 KV of 30 layers: ~47 KB a token
+        client.delete_conversation("sized")

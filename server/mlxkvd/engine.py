@@ -218,9 +218,10 @@ class Engine:
         """The store's statistics as of the last change the engine made (never blocks)."""
         return self._stats
 
-    def tier_of(self, conversation_id: str) -> str:
-        """Where a conversation's cache is: "memory", "disk" or "none" (never blocks)."""
-        return self.store.tier_of(conversation_id)
+    def cache_info(self, conversation_id: str) -> tuple[str, tuple[int, ...], int] | None:
+        """Where a conversation's cache is ("memory" or "disk"), the tokens it holds and its
+        bytes; None if it has none (never blocks)."""
+        return self.store.entry_info(conversation_id)
 
     def set_idle_unload(self, idle_unload_s: float) -> None:
         """Change the idle unload delay (SIGHUP); takes effect at once, even while idle."""

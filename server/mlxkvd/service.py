@@ -119,7 +119,9 @@ def _stop(request: pb.GenerateRequest) -> tuple[str, ...]:
     return tuple(request.stop)
 
 
-def _conversation_pb(record: ConversationRecord, tier: str) -> pb.Conversation:
+def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ...], int] | None) -> pb.Conversation:
+    """``cache``: the store's ``entry_info`` of the conversation (tier, tokens, bytes), if any."""
+    tier, tokens, nbytes = cache if cache is not None else ("none", (), 0)
     return pb.Conversation(
         conversation_id=record.conversation_id,
         revision=record.revision,
@@ -141,6 +143,8 @@ def _conversation_pb(record: ConversationRecord, tier: str) -> pb.Conversation:
             for t in record.tools
         ],
         cache_tier=tier,
+        tokens=len(tokens),
+        cache_bytes=nbytes,
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
@@ -246,12 +250,12 @@ class InferenceService(pb_grpc.InferenceServicer):
             record = self.registry.get(request.conversation_id)
         except MlxkvError as exc:
             context.abort(status_code(exc), str(exc))
-        return _conversation_pb(record, self.engine.tier_of(record.conversation_id))
+        return _conversation_pb(record, self.engine.cache_info(record.conversation_id))
 
     def ListConversations(self, request, context):
         return pb.ListConversationsResponse(
             conversations=[
-                _conversation_pb(r, self.engine.tier_of(r.conversation_id))
+                _conversation_pb(r, self.engine.cache_info(r.conversation_id))
                 for r in self.registry.list()
             ]
         )

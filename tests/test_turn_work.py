@@ -1,0 +1,94 @@
+"""Per-turn work must not grow with the history (counts, not timings).
+
+A 50-turn conversation with the real default model, through a real Unix socket, against the
+daemon's pieces built in this process so that their work can be counted: each turn renders
+the chat template once, tokenizes once, and only about what the turn added; the cache store
+never looks past the conversation's own entry; and every turn reuses everything the previous
+one left in the cache (the reply re-renders into the ids that were generated).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from mlxkv import Client
+
+TURNS = 50
+
+
+@pytest.fixture(scope="module")
+def in_process(model_dir):
+    from mlxkvd.conversations import ConversationRegistry
+    from mlxkvd.engine import Engine
+    from mlxkvd.kvcache import MlxCacheOps
+    from mlxkvd.runtime import ModelRuntime
+    from mlxkvd.server import create_server
+    from mlxkvd.store import CacheStore
+
+    runtime = ModelRuntime(model_dir)
+    store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=2 << 30)
+    engine = Engine(runtime, store, ConversationRegistry())
+    engine.start()
+    socket_path = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "w.sock"
+    server, _, _ = create_server(engine, socket_path)
+    server.start()
+    yield runtime, store, socket_path
+    engine.stop()
+    server.stop(grace=1).wait()
+
+
+def test_a_fifty_turn_conversation_costs_each_turn_what_it_adds(in_process, reference):
+    runtime, store, socket_path = in_process
+    stats = runtime.renderer.stats
+    searches = []  # the store's searches of other entries (its prefix index)
+    longest = store._entries.longest
+
+    def counting_longest(*args, **kwargs):
+        searches.append(len(args[0]))
+        return longest(*args, **kwargs)
+
+    store._entries.longest = counting_longest
+    try:
+        with Client(socket_path, timeout=300) as client:
+            chat = client.conversation("work", system="You answer in one short sentence.")
+            held = 0  # tokens the conversation's cache holds after the previous turn
+            for n in range(TURNS):
+                before = dict(vars(stats))
+                message = f"Fact {n}: name a color."
+                turn = chat.send(message, max_tokens=3)
+                done = {k: v - before[k] for k, v in vars(stats).items()}
+                assert done["renders"] == 1, (n, done)
+                assert done["tokenize_calls"] == 1, (n, done)
+                # What the turn added: the last reply, the new message, and the markup.
+                assert done["tokenized_chars"] <= len(message) + 3 * 32 + 128, (n, done)
+                if n:
+                    assert done["full_tokenizations"] == 0, (n, done)
+                    assert turn.cached_tokens == held, (n, turn.cached_tokens, held)
+                held = turn.prompt_tokens + turn.completion_tokens
+    finally:
+        store._entries.longest = longest
+    # Only the first turn, which has no entry of its own yet, searched the others.
+    assert len(searches) == 1, searches
+    # The last turn's prompt is long and its reply still equals mlx-lm from the full prompt.
+    assert turn.prompt_tokens > 20 * 15
+    assert reference.generate(chat.messages[:-1], max_tokens=3) == list(turn.token_ids)
+
+
+def test_a_huge_request_is_refused_without_rendering_or_tokenizing(in_process):
+    """A 15 MiB message (under the 16 MiB cap) cannot fit the context: refused from the
+    length of its text, with no render and no tokenizer call, on the handler thread."""
+    import grpc
+
+    runtime, _, socket_path = in_process
+    stats = runtime.renderer.stats
+    before = dict(vars(stats))
+    with Client(socket_path, timeout=120) as client:
+        with pytest.raises(Exception) as info:
+            client.ask("x" * (15 << 20), max_tokens=2)
+        assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "context window" in str(info.value)
+        assert dict(vars(stats)) == before
+        assert client.ask("Say hi.", max_tokens=2).completion_tokens >= 1
