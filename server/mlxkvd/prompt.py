@@ -34,7 +34,10 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
-from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
+try:
+    from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
+except ImportError:  # transformers older than pyproject.toml asks for: no sanitizing support
+    encode_marked_chat = mark_control_tokens = None
 
 from .errors import InvalidRequestError
 
@@ -166,6 +169,10 @@ class PromptRenderer:
         control = {t.content: i for i, t in added.items()
                    if t.special or (t.content in template and not t.content.isspace())}
         if not control:
+            return
+        if mark_control_tokens is None:
+            log.warning("this transformers cannot keep control tokens in message text as text; "
+                        "upgrade it (pip install -U transformers)")
             return
         self._control_ids = frozenset(control.values())
         longest_first = sorted(control, key=len, reverse=True)
