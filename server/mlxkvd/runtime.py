@@ -231,11 +231,13 @@ class ModelRuntime:
         """Feed ``new_tokens`` (at most ``prefill_step`` of them) to the model, extending
         ``cache``, and yield generated token ids.
 
-        The first token comes from one evaluation: all but the last new token, then the last
-        one, built lazily and evaluated together, so the output head runs for the last
-        position only and there is no synchronisation in between (mlx-lm's ``generate_step``
-        evaluates the two apart). The passes are the ones ``generate_step`` makes, so the
-        arithmetic is the reference's. Later tokens come from ``generate_step``. The cache holds the prompt plus every token yielded so far, however
+        The first token comes from one evaluation, never two with a synchronisation between
+        (as mlx-lm's ``generate_step`` does). On the CPU: all but the last new token, then the
+        last one, built lazily, so the output head runs for the last position only (for a
+        few hundred positions it would cost more than the layers) and the passes are the
+        reference's. On a GPU, where the head is cheap and every pass pays a launch per layer
+        and a new attention shape: one pass over all of them. Later tokens come from
+        ``generate_step``. The cache holds the prompt plus every token yielded so far, however
         the caller stops; a caller that stops at the first token must close the generator
         (``contextlib.closing``), which feeds it then, as the end of a one-token reply does.
         """
@@ -275,7 +277,7 @@ class ModelRuntime:
         position (None: only feed them)."""
         tokens = list(tokens)
         with mx.stream(generation_stream):  # the stream generate_step runs on
-            if len(tokens) > 1 and sampler is not None:
+            if len(tokens) > 1 and sampler is not None and self.backend == "cpu":
                 # Lazy: its logits are never evaluated, so the head never runs for these.
                 self.model(mx.array([tokens[:-1]], dtype=mx.uint32), cache=cache)
                 if self.kv_bits:
