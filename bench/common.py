@@ -379,15 +379,16 @@ class MlxLmServer(ServerProcess):
 
 
 def stream_turn(conv, content: str, max_tokens: int) -> tuple[float, float]:
-    """One turn of an ``mlxkv`` Conversation, streamed: (time to the first text delta, turn
-    time), client side; ``conv.last_turn`` then holds the daemon's accounting."""
+    """One turn of an ``mlxkv`` Conversation, streamed: (time to the first token, turn time),
+    client side; ``conv.last_turn`` then holds the daemon's accounting. The first token is
+    its delta's arrival, text or not (a partial character or a space is held back from the
+    text until the next token), which is what the in-process limit times too."""
     started = time.perf_counter()
-    first = None
     for _ in conv.stream(content, max_tokens=max_tokens):
-        if first is None:
-            first = time.perf_counter()
+        pass
     end = time.perf_counter()
-    return (first or end) - started, end - started
+    first = conv.last_turn.first_token_latency_s
+    return (first if first is not None else end - started), end - started
 
 
 @dataclass

@@ -225,6 +225,9 @@ class Turn:
     revision: int
     # True when the full transcript had to be re-sent (the daemon had lost the conversation).
     resent: bool = False
+    # Client side, from sending the request to the first token's arrival (its delta may hold no
+    # text yet: a partial character, a held-back space); None if no token came.
+    first_token_latency_s: float | None = None
     start: pb.Start | None = field(default=None, repr=False)
     done: pb.Done | None = field(default=None, repr=False)
 
@@ -233,6 +236,8 @@ class _TurnEvents:
     """Accumulates one attempt's stream: Start, Deltas, Done."""
 
     def __init__(self) -> None:
+        self.sent_at = time.perf_counter()
+        self.first_token_at: float | None = None
         self.start: pb.Start | None = None
         self.done: pb.Done | None = None
         self.texts: list[str] = []
@@ -244,6 +249,8 @@ class _TurnEvents:
         if kind == "start":
             self.start = event.start
         elif kind == "delta":
+            if self.first_token_at is None and event.delta.token_ids:
+                self.first_token_at = time.perf_counter()
             self.texts.append(event.delta.text)
             self.token_ids.extend(event.delta.token_ids)
             return event.delta.text
@@ -277,6 +284,9 @@ class _TurnEvents:
             total_s=done.timings.total_s,
             revision=done.revision,
             resent=resent,
+            first_token_latency_s=(
+                self.first_token_at - self.sent_at if self.first_token_at is not None else None
+            ),
             start=self.start,
             done=done,
         )
