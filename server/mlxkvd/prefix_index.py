@@ -60,12 +60,17 @@ def chain_hash(prev: int, block: tuple[int, ...]) -> int:
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix; compares tuples block by block at C speed."""
-    a, b = tuple(a), tuple(b)
+    """Length of the longest common prefix of two token sequences, at C speed."""
+    return common_prefix(tuple(a), tuple(b), 256)
+
+
+def common_prefix(a, b, block: int) -> int:
+    """Length of the longest common prefix of two tuples or strings, compared a slice of
+    ``block`` items at a time."""
     n = min(len(a), len(b))
     if a[:n] == b[:n]:  # the usual case (a conversation grew): one comparison
         return n
-    lo, block = 0, 256
+    lo = 0
     while lo < n:
         hi = min(lo + block, n)
         if a[lo:hi] != b[lo:hi]:

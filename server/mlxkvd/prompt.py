@@ -40,6 +40,7 @@ except ImportError:  # transformers older than pyproject.toml asks for: no sanit
     encode_marked_chat = mark_control_tokens = None
 
 from .errors import InvalidRequestError
+from .prefix_index import common_prefix
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +86,8 @@ class Prompt:
 
 
 def common_prefix_chars(a: str, b: str) -> int:
-    """Length of the longest common prefix of two strings, compared a slice at a time."""
-    n = min(len(a), len(b))
-    lo = 0
-    while lo < n:
-        hi = min(lo + _BLOCK, n)
-        if a[lo:hi] != b[lo:hi]:
-            while a[lo] == b[lo]:
-                lo += 1
-            return lo
-        lo = hi
-    return n
+    """Length of the longest common prefix of two strings."""
+    return common_prefix(a, b, _BLOCK)
 
 
 @dataclass
