@@ -7,10 +7,12 @@ into token ids on the handler threads.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import hashlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +117,7 @@ class ModelRuntime:
             dequantize_model(self.model)
             self.model.set_dtype(mx.float32)
         mx.eval(self.model.parameters())
+        self._resident = True
         log.info(
             "model %s loaded in %.1f s: backend %s, fingerprint %s",
             self.name,
@@ -126,7 +129,8 @@ class ModelRuntime:
 
     @property
     def loaded(self) -> bool:
-        return self.model is not None
+        """Whether the weights are resident; False only once their memory has been returned."""
+        return self._resident
 
     def unload(self) -> None:
         """Let the weights leave memory (idle unload); ``ensure_loaded`` brings them back.
@@ -136,6 +140,8 @@ class ModelRuntime:
         self.model = None
         gc.collect()
         mx.clear_cache()
+        _return_free_memory()
+        self._resident = False
         log.info("model %s unloaded after being idle", self.name)
 
     def ensure_loaded(self) -> None:
@@ -304,6 +310,17 @@ class ModelRuntime:
             "context_length": self.context_length,
             "prefill_step": self.prefill_step,
         }
+
+
+def _return_free_memory() -> None:
+    """Give the allocator's free pages back to the system (glibc): freed weights that sit below
+    live small objects in the heap would otherwise stay in the process's resident memory."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def load_runtime(model_dir: Path | None, cache_dir: Path, *, kv_bits: int = 0) -> ModelRuntime:
