@@ -3,8 +3,7 @@
 gRPC handler threads submit a ``Turn`` (rendered and tokenized by the turns layer) and read
 its event queue; they never touch the model or the caches. Each turn checks out the longest
 cached prefix of its prompt from the store, prefills the rest, streams tokens, and checks the
-cache back in. A turn whose
-client went away stops within one prefill chunk or one decode step.
+cache back in. A turn whose client went away stops within one prefill chunk or one decode step.
 
 Idle time is used in stages: once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so a client that sends
