@@ -101,6 +101,36 @@ def test_copy_prefix_continues_like_a_cache_of_just_the_prefix(model, ops):
                        next_logits(model, prefill(model, prompt)[0], 9), atol=1e-5).item()
 
 
+def test_make_room_lets_the_next_prefill_write_in_place(model, ops):
+    prompt, more = tokens(300), tokens(400, start=11)
+    cache, _ = prefill(model, prompt)
+    assert ops.nbytes_with_room(cache, 10) == ops.nbytes(cache)  # 300 of 512 used: room enough
+    expected = (300 + len(more) + STEP - 1) // STEP * STEP * kv_bytes_per_token(model)
+    assert ops.nbytes_with_room(cache, len(more)) == expected
+    ops.make_room(cache, len(more))
+    assert ops.nbytes(cache) == expected and ops.num_tokens(cache) == 300
+    buffers = [c.keys.shape for c in cache]
+    _, got = prefill(model, more, cache)
+    assert [c.keys.shape for c in cache] == buffers  # no reallocation: written in place
+    _, want = prefill(model, prompt + more)
+    assert mx.allclose(got, want, atol=1e-5).item()
+
+
+def test_make_room_in_a_quantized_cache_keeps_its_contents(ops):
+    mx.random.seed(2)
+    cache = [QuantizedKVCache(group_size=32, bits=8) for _ in range(2)]
+    for layer in cache:
+        layer.update_and_fetch(mx.random.normal((1, 2, 10, 64)), mx.random.normal((1, 2, 10, 64)))
+    before = [[mx.array(x[..., :10, :]) for x in (*c.keys, *c.values)] for c in cache]
+    predicted = ops.nbytes_with_room(cache, 600)
+    ops.make_room(cache, 600)
+    assert ops.nbytes(cache) == predicted and ops.num_tokens(cache) == 10
+    for c, old in zip(cache, before):
+        assert c.keys[0].shape[-2] == 768
+        for a, b in zip((*c.keys, *c.values), old):
+            assert mx.array_equal(a[..., :10, :], b).item()
+
+
 def test_copy_prefix_of_quantized_cache(ops):
     mx.random.seed(1)
     cache = [QuantizedKVCache(group_size=32, bits=8) for _ in range(2)]

@@ -75,6 +75,12 @@ class FakeOps:
         assert cache.trimmable and 0 <= n <= len(cache.tokens)
         del cache.tokens[len(cache.tokens) - n :]
 
+    def nbytes_with_room(self, cache, tokens):
+        return max(cache.capacity, alloc(len(cache.tokens) + tokens)) * BYTES_PER_TOKEN
+
+    def make_room(self, cache, tokens):
+        cache.capacity = max(cache.capacity, alloc(len(cache.tokens) + tokens))
+
     def copy_prefix(self, cache, n):
         if not cache.trimmable and n != len(cache.tokens):
             raise ValueError("cannot copy part of an untrimmable cache")
@@ -1007,6 +1013,32 @@ def test_reserve_is_reported_and_evicts_lru_until_it_fits(tmp_path):
     store.checkin("c", seq(20, 200) + [7], got.cache)
     assert store.stats()["memory"]["in_flight_bytes"] == 0
     assert store.tier_of("c") == "memory"
+
+
+def test_make_room_grows_the_resident_cache_within_the_budget(tmp_path):
+    store = make_store(tmp_path, max_bytes=10 * alloc(20) * BYTES_PER_TOKEN)
+    put(store, "a", seq(20))
+    before = store.stats()["memory"]["bytes"]
+    assert store.make_room("a", 40)
+    grown = alloc(20 + 40) * BYTES_PER_TOKEN
+    assert store.stats()["memory"]["bytes"] == before - alloc(20) * BYTES_PER_TOKEN + grown
+    assert store.entry_info("a") == ("memory", tuple(seq(20)), grown)
+    assert not store.make_room("a", 40)  # already has the room
+    got = store.checkout("a", seq(21))  # still the same conversation, whole
+    assert got.source == "conversation" and got.cached_tokens == 20 and got.cache.capacity == alloc(60)
+
+
+def test_make_room_never_evicts_and_skips_what_is_not_resident(tmp_path):
+    one = alloc(20) * BYTES_PER_TOKEN
+    store = make_store(tmp_path, max_bytes=2 * one)
+    put(store, "a", seq(20))
+    put(store, "b", seq(20, 100))
+    assert not store.make_room("b", 40)  # would push "a" out of memory
+    assert store.tier_of("a") == "memory" and store.stats()["memory"]["bytes"] == 2 * one
+    assert not store.make_room("nobody", 40)
+    store.flush()
+    store.spill()
+    assert store.tier_of("a") == "disk" and not store.make_room("a", 40)
 
 
 def test_reserve_larger_than_the_budget_evicts_everything_but_the_turn_gets_its_cache(tmp_path):

@@ -10,13 +10,32 @@ one left in the cache (the reply re-renders into the ids that were generated).
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
 from mlxkv import Client
+from mlxkvd.engine import NEXT_TURN_ROOM
+from mlxkvd.kvcache import MlxCacheOps
 
 TURNS = 50
+
+
+def has_room(store, key, tokens):
+    where = store._entries.get(key)
+    if where is None or where[0] != "memory":
+        return False
+    return MlxCacheOps().nbytes_with_room(where[1].cache, tokens) == where[1].nbytes
+
+
+def wait_for(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +87,9 @@ def test_a_fifty_turn_conversation_costs_each_turn_what_it_adds(in_process, refe
                     assert done["full_tokenizations"] == 0, (n, done)
                     assert turn.cached_tokens == held, (n, turn.cached_tokens, held)
                 held = turn.prompt_tokens + turn.completion_tokens
+                # Idle after the turn, the engine gives its cache room for the next one, so
+                # that the next prefill writes in place instead of copying the history.
+                assert wait_for(lambda: has_room(store, "work", NEXT_TURN_ROOM)), n
     finally:
         store._entries.longest = longest
     # Only the first turn, which has no entry of its own yet, searched the others.

@@ -5,7 +5,8 @@ its event queue; they never touch the model or the caches. Each turn checks out 
 cached prefix of its prompt from the store, prefills the rest, streams tokens, and checks the
 cache back in. A turn whose client went away stops within one prefill chunk or one decode step.
 
-Idle time is used in stages: once nothing has been queued for ``write_behind_delay_s``,
+Idle time is used in stages: right after a turn, its conversation's cache gets room for the
+next turn's tokens (``store.make_room``); once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so a client that sends
 its next turn right away never waits for a write; caches unused for ``cache_ttl_s`` are
 forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 # How long the engine waits, idle, before writing caches behind to disk. Long enough for a
 # script's or a benchmark's next turn, short against a person reading a reply.
 DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
+# Room made, once a turn is over, in its conversation's cache for what the next turn adds (a
+# user message, the re-rendered end of the reply; a tool result may need more).
+NEXT_TURN_ROOM = 1024
 # How often an idle engine looks for caches past their TTL.
 TTL_CHECK_S = 1.0
 _EMPTY = object()
@@ -156,6 +160,7 @@ class Engine:
         self.cache_ttl_s = cache_ttl_s
         self._ops = MlxCacheOps()
         self._last_turn_at = self._last_expiry_at = time.monotonic()
+        self._room_for: str | None = None  # the conversation whose cache gets room next
         self.counters = Counters()
         self._queue: "queue.Queue[Turn | _Task | None]" = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlxkv-engine", daemon=True)
@@ -329,6 +334,11 @@ class Engine:
         The delays count from the end of the last turn, not of the last task: a task must not
         keep postponing them."""
         while True:
+            if self._room_for is not None:
+                item = self._wait(0)
+                if item is not _EMPTY:
+                    return item
+                self._make_room()
             now = time.monotonic()
             idle = now - self._last_turn_at
             if self.cache_ttl_s > 0 and now - self._last_expiry_at >= TTL_CHECK_S:
@@ -368,6 +378,14 @@ class Engine:
                 self._refresh_snapshot()
         except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
             log.exception("expiring caches failed")
+
+    def _make_room(self) -> None:
+        key, self._room_for = self._room_for, None
+        try:
+            if self.store.make_room(key, NEXT_TURN_ROOM):
+                self._refresh_snapshot()
+        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
+            log.exception("making room in a cache failed")
 
     def _write_behind(self) -> bool:
         """Write one cache behind to the disk tier; False when there was nothing to write."""
@@ -552,5 +570,6 @@ class Engine:
         turn.events.put(finished)
         # After the reply is out: an eviction this causes may write to disk.
         self.store.checkin(key, prompt + generated, cache, checkpoint=checkpoint)
+        self._room_for = key
         for forgotten in self.registry.pop_forgotten():
             self.store.delete(forgotten)

@@ -73,6 +73,37 @@ class MlxCacheOps:
         mx.eval([c.state for c in copies])
         return copies
 
+    def nbytes_with_room(self, cache: list, tokens: int) -> int:
+        """``nbytes`` once ``make_room(cache, tokens)`` has run."""
+        total = 0
+        for c in cache:
+            allocated = _allocated(c)
+            if allocated is None or c.offset + tokens <= allocated:
+                total += c.nbytes
+            else:
+                total += c.nbytes // allocated * _rounded(c, c.offset + tokens)
+        return total
+
+    def make_room(self, cache: list, tokens: int) -> None:
+        """Reallocate every KVCache / QuantizedKVCache layer with room for ``tokens`` more
+        tokens after its ``offset`` (in its 256-token steps), so that mlx-lm's next
+        ``update_and_fetch`` writes in place rather than copying the layer to grow it."""
+        grown = []
+        for c in cache:
+            allocated = _allocated(c)
+            if allocated is None or c.offset + tokens <= allocated:
+                continue
+            n, size = c.offset, _rounded(c, c.offset + tokens)
+
+            def copy(x, n=n, size=size):
+                out = mx.zeros((*x.shape[:-2], size, x.shape[-1]), dtype=x.dtype)
+                out[..., :n, :] = x[..., :n, :]
+                return out
+
+            c.keys, c.values = tree_map(copy, (c.keys, c.values))
+            grown.append(c)
+        mx.eval([(c.keys, c.values) for c in grown])
+
     def save(self, path: Path, cache: list, metadata: dict[str, str]) -> None:
         """Write ``cache`` (its used part) and ``metadata`` plus a checksum to ``path``."""
         if not str(path).endswith(self.file_suffix):
@@ -149,6 +180,18 @@ def _copy_layer(c, n: int):
         if not hasattr(new, attr):
             setattr(new, attr, value)
     return new
+
+
+def _allocated(c) -> int | None:
+    """Tokens a KVCache / QuantizedKVCache layer has room for, None for other layers."""
+    if not isinstance(c, (KVCache, QuantizedKVCache)) or c.keys is None:
+        return None
+    keys = c.keys[0] if isinstance(c.keys, (tuple, list)) else c.keys
+    return keys.shape[-2]
+
+
+def _rounded(c, n: int) -> int:
+    return (n + c.step - 1) // c.step * c.step
 
 
 def _used_part(c):

@@ -46,6 +46,7 @@ import json
 import logging
 import math
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -81,6 +82,8 @@ class CacheOps(Protocol):
     def can_trim(self, cache) -> bool: ...
     def trim(self, cache, n: int) -> None: ...  # drop the last n tokens, in place
     def copy_prefix(self, cache, n: int) -> Any: ...  # a new cache with the first n tokens
+    def nbytes_with_room(self, cache, tokens: int) -> int: ...  # nbytes once room is made
+    def make_room(self, cache, tokens: int) -> None: ...  # allocate room for more tokens
     def save(self, path: Path, cache, metadata: dict[str, str]) -> None: ...
     def load(self, path: Path) -> tuple[Any, dict[str, str]]: ...  # raises CacheFileError
     def read_metadata(self, path: Path) -> dict[str, str]: ...  # raises CacheFileError
@@ -275,6 +278,23 @@ class CacheStore:
             return
         self._place(key, entry)
         self._enforce_memory_budget()
+
+    def make_room(self, key: str, tokens: int) -> bool:
+        """Allocate room for ``tokens`` more tokens in ``key``'s resident cache, if the memory
+        budget has it beside the other entries (nothing is evicted for it). A cache grows by
+        copying everything it holds; done now, while idle, the next turn's prefill writes in
+        place instead of copying the whole history before its first token. True if it grew."""
+        entry = self._mem.get(key)
+        if entry is None:
+            return False
+        grown = self._ops.nbytes_with_room(entry.cache, tokens)
+        if grown <= entry.nbytes or self._mem_bytes + self._reserved + grown - entry.nbytes > self._max_bytes:
+            return False
+        self._ops.make_room(entry.cache, tokens)
+        # Entries are replaced, never changed in place (entry_info reads them from any thread).
+        self._pop_memory(key)
+        self._place(key, dataclasses.replace(entry, nbytes=self._ops.nbytes(entry.cache)))
+        return True
 
     def delete(self, key: str) -> bool:
         """Forget ``key`` (and its checkpoint) in both tiers. True if anything was removed."""
