@@ -15,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlxkvd.prompt import Prompt, PromptRenderer, ReplyDecoder, common_prefix_chars
+from mlxkvd.prompt import Prompt, PromptRenderer, common_prefix_chars
+from mlxkvd.reply import ReplyDecoder
 
 # Qwen3-style: an assistant message before the last user message loses its reasoning, so
 # every new user message rewrites the previous replies.

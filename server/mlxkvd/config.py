@@ -77,6 +77,14 @@ def _optional_path(value: Any) -> Path | None:
     return _path(value) if value not in (None, "") else None
 
 
+def _template(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if not isinstance(value, (str, os.PathLike)):
+        raise ValueError(f"expected a file or a template name, got {value!r}")
+    return os.fspath(value)
+
+
 def _int(value: Any) -> int:
     _not_bool(value)
     if isinstance(value, float) and not value.is_integer():
@@ -150,6 +158,12 @@ class Config:
         "mlx-lm model directory (default: the embedded SmolLM2-135M-Instruct)",
         _optional_path,
         metavar="DIR",
+    )
+    chat_template: str | None = _setting(
+        "a chat template replacing the model's: a Jinja file, or a bundled one by name "
+        "(chatml-tools: ChatML with tool calls, for the default model)",
+        _template,
+        metavar="FILE|NAME",
     )
     cache_dir: Path = _setting(
         "directory for the converted default model and the disk KV tier",

@@ -171,6 +171,13 @@ class ConversationRegistry:
                 raise ConversationNotFoundError(f"no conversation {conversation_id!r}")
             return ConversationRecord(**vars(record))
 
+    def peek(self, conversation_id: str) -> tuple[list[Message], list[dict[str, Any]], int] | None:
+        """``(messages, tools, revision)`` of a conversation, or None; no copies (the lists are
+        replaced, never changed in place, by each commit)."""
+        with self._lock:
+            record = self._records.get(conversation_id)
+            return None if record is None else (record.messages, record.tools, record.revision)
+
     def list(self) -> list[ConversationRecord]:
         with self._lock:
             return [ConversationRecord(**vars(r)) for r in self._records.values()]

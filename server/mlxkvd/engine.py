@@ -31,7 +31,8 @@ from typing import Any, Callable
 from .conversations import ConversationRegistry, TurnPlan
 from .errors import MlxkvError, ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
-from .prompt import Prompt, ReplyDecoder
+from .prompt import Prompt, template_tools
+from .reply import Reply, ToolCall, ToolFormat
 from .runtime import ModelRuntime, Sampling
 from .store import CacheStore
 
@@ -63,18 +64,21 @@ class Started:
     cached_tokens: int
     cache_source: str
     cache_miss_reason: str
+    tools_ignored: bool = False  # tools were sent, the chat template renders none of them
 
 
 @dataclass(frozen=True)
 class Text:
     text: str
     token_ids: tuple[int, ...]
+    tool_calls: tuple[ToolCall, ...] = ()  # completed with this text; their text is not in it
 
 
 @dataclass(frozen=True)
 class Finished:
-    finish_reason: str  # "stop" | "length" | "stop_string"
-    text: str
+    finish_reason: str  # "stop" | "length" | "stop_string" | "tool_calls"
+    text: str  # the reply without its tool calls' text
+    tool_calls: tuple[ToolCall, ...]
     prompt_tokens: int
     cached_tokens: int
     completion_tokens: int
@@ -103,6 +107,9 @@ class Turn:
     stop: tuple[str, ...] = ()
     one_shot: bool = False
     boundary: int | None = None
+    tool_format: ToolFormat | None = None  # where tool calls are looked for (None: they are not)
+    reply_prefix: str = ""  # the end of the prompt that is the reply's start (a forced call)
+    tools_ignored: bool = False
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
@@ -123,20 +130,6 @@ class Counters:
     tokens_saved: int = 0
     tokens_prefilled: int = 0
     tokens_generated: int = 0
-
-
-class _StopStrings:
-    """Finds stop strings in streamed text and holds back what could be the start of one."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops = tuple(s for s in stops if s)
-        # Text that could be the start of a stop string is held back until it cannot be.
-        self.hold = max((len(s) for s in self.stops), default=1) - 1
-
-    def cut(self, text: str) -> int | None:
-        """Index where the earliest stop string starts in ``text``, or None."""
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
-        return min(found) if found else None
 
 
 class Engine:
@@ -451,18 +444,16 @@ class Engine:
             reason = f"{reason} (message {index}, role {plan.messages[index].get('role')})"
         if reason:
             log.info("conversation %r reuses %d of its tokens: %s", key, cached, reason)
-        turn.events.put(Started(len(prompt), cached, lookup.source, reason))
+        turn.events.put(Started(len(prompt), cached, lookup.source, reason, turn.tools_ignored))
 
         generated: list[int] = []
         held = cached  # tokens the cache holds
         checkpoint = None
         pending: list[int] = []
-        text = ""
-        emitted = 0
         finish = "length"
         first_token_at = None
-        stops = _StopStrings(turn.stop)
-        reply = ReplyDecoder(rt.tokenizer)
+        reply = Reply(rt.tokenizer, stop=turn.stop, tool_format=turn.tool_format,
+                      tools=template_tools(plan.tools), prefix=turn.reply_prefix)
         eos = rt.eos_token_ids
         try:
             # Prefill in chunks that a cancel can stop between, up to the last chunk, which
@@ -492,19 +483,16 @@ class Engine:
                         finish = "stop"
                         break
                     pending.append(token)
-                    text += reply.add(token)
-                    cut = stops.cut(text)
-                    if cut is not None:
-                        text = text[:cut]
+                    text, calls = reply.add(token)
+                    if reply.stopped:
                         finish = "stop_string"
-                        break
-                    safe = len(text) - stops.hold
                     # The first token goes out at once, even with no text yet (a partial
                     # character, a held-back space): the client sees the turn has started.
-                    if safe > emitted or len(generated) == 1:
-                        safe = max(safe, emitted)
-                        turn.events.put(Text(text[emitted:safe], tuple(pending)))
-                        emitted, pending = safe, []
+                    if text or calls or len(generated) == 1 or reply.stopped:
+                        turn.events.put(Text(text, tuple(pending), tuple(calls)))
+                        pending = []
+                    if reply.stopped:
+                        break
         except TurnCancelledError:
             self.counters.tokens_saved += cached
             self.counters.tokens_prefilled += len(prompt) - cached
@@ -522,10 +510,11 @@ class Engine:
             self.store.checkin(key, (prompt + generated)[:held], cache, checkpoint=checkpoint)
             raise
         # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
-        if finish != "stop_string":
-            text += reply.finish(cut=finish == "length")
-        if len(text) > emitted or pending:
-            turn.events.put(Text(text[emitted:], tuple(pending)))
+        text, calls = reply.finish(cut=finish == "length")
+        if text or calls or pending:
+            turn.events.put(Text(text, tuple(pending), tuple(calls)))
+        if finish == "stop" and reply.tool_calls:
+            finish = "tool_calls"
 
         done_at = time.perf_counter()
         first_token_at = first_token_at or done_at
@@ -533,15 +522,14 @@ class Engine:
         decode_s = done_at - first_token_at
         revision = 0
         if not turn.one_shot:
-            revision = self.registry.commit_turn(
-                plan, {"role": "assistant", "content": text}, prompt=turn.prompt
-            )
+            revision = self.registry.commit_turn(plan, reply.message(), prompt=turn.prompt)
         self.counters.tokens_saved += cached
         self.counters.tokens_prefilled += len(prompt) - cached
         self.counters.tokens_generated += len(generated)
         finished = Finished(
             finish_reason=finish,
-            text=text,
+            text=reply.content,
+            tool_calls=tuple(reply.tool_calls),
             prompt_tokens=len(prompt),
             cached_tokens=cached,
             completion_tokens=len(generated),

@@ -129,7 +129,8 @@ class Daemon:
             raise StartupError(EXIT_SOCKET, str(exc)) from None
         service_unit.notify(f"STATUS=loading {config.model or 'the default model'}")
         try:
-            runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits)
+            runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits,
+                                   chat_template=config.chat_template)
         except (ModelLoadError, ModelUnavailableError) as exc:
             raise StartupError(EXIT_MODEL, str(exc)) from None
         from . import blas

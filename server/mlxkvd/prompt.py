@@ -33,7 +33,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer
 try:
     from transformers.utils.chat_template_utils import encode_marked_chat, mark_control_tokens
 except ImportError:  # transformers older than pyproject.toml asks for: no sanitizing support
@@ -132,6 +131,8 @@ class PromptRenderer:
             self._special_ids = frozenset(added)
             self._init_control_tokens(hf, added)
             self.incremental = self._probe()
+        # Whether the template shows the model the tools a request sends (many do not).
+        self.renders_tools = self._renders_tools()
 
     def _direct_template(self, hf: Any) -> tuple[Any, dict] | None:
         """The compiled chat template and the variables ``apply_chat_template`` gives it, to
@@ -294,7 +295,11 @@ class PromptRenderer:
             if previous.guarded:
                 return True
             messages = messages[previous.message_count :]
-        return any(isinstance(m.get("content"), str) and search(m["content"]) for m in messages)
+        return any(
+            (isinstance(m.get("content"), str) and search(m["content"]))
+            or ("tool_calls" in m and search(json.dumps(m["tool_calls"], ensure_ascii=False)))
+            for m in messages
+        )
 
     # -- checks ------------------------------------------------------------------------------
 
@@ -338,6 +343,17 @@ class PromptRenderer:
             return False
         return True
 
+    def _renders_tools(self) -> bool:
+        sample = [{"role": "user", "content": "Hello."}]
+        tool = {"name": "lookup_7f3a", "description": "Look a word up.",
+                "parameters": {"type": "object", "properties": {}}}
+        try:
+            return self.render_text(sample, [tool]) != self.render_text(sample)
+        except Exception:  # noqa: BLE001 - a template that cannot render tools renders none
+            return False
+        finally:
+            self.stats = RenderStats()
+
     def _fall_back(self, why: str) -> None:
         self.incremental = False
         if not self._fallback_logged:
@@ -353,29 +369,3 @@ class PromptRenderer:
 def template_tools(tools: Sequence[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     """Tool definitions in the shape Hugging Face chat templates expect."""
     return [{"type": "function", "function": t} for t in tools] if tools else None
-
-
-class ReplyDecoder:
-    """A reply's text as it streams, equal to ``tokenizer.decode`` of its ids.
-
-    The committed reply is rendered again next turn; text that decodes differently from the
-    generated ids re-tokenizes into other ids, and the cache is re-prefilled from there.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self._detok = tokenizer.detokenizer  # a fresh copy per call
-        if isinstance(self._detok, BPEStreamingDetokenizer):
-            # mlx-lm drops a leading space of the first token (a display nicety); decode() keeps it.
-            self._detok._maybe_trim_space = lambda text: text
-
-    def add(self, token: int) -> str:
-        """Feed one token; returns the text it completes (possibly empty)."""
-        self._detok.add_token(token)
-        return self._detok.last_segment
-
-    def finish(self, *, cut: bool) -> str:
-        """The text still held back. ``cut``: the reply ended at ``max_tokens``, possibly in the
-        middle of a character, whose bytes are dropped rather than stored as U+FFFD."""
-        self._detok.finalize()
-        segment = self._detok.last_segment
-        return segment.rstrip("\ufffd") if cut else segment

@@ -27,6 +27,7 @@ from mlx_lm.utils import dequantize_model
 
 from .errors import ModelChangedError, ModelLoadError
 from .prompt import PromptRenderer
+from .reply import ToolFormat
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,13 @@ def _fingerprint(model_dir: Path) -> str:
 class ModelRuntime:
     """One resident model. Cheap queries are thread-safe; generation is engine-thread only."""
 
-    def __init__(self, model_dir: Path, *, name: str | None = None, kv_bits: int = 0):
+    def __init__(
+        self, model_dir: Path, *, name: str | None = None, kv_bits: int = 0, chat_template: str | None = None
+    ):
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
         self.kv_bits = kv_bits
+        self.chat_template = chat_template  # replaces the model's own (its text)
         if not (self.model_dir / "config.json").is_file():
             raise ModelLoadError(f"{self.model_dir} is not a model directory (no config.json)")
         self.backend = backend_name()
@@ -95,6 +99,8 @@ class ModelRuntime:
         )
         self.weights_dtype = str(self._weights_dtype()).replace("mlx.core.", "")
         self.renderer = PromptRenderer(self.tokenizer)
+        # mlx-lm's tool parser for the template's call format (None: calls are plain text).
+        self.tool_format = ToolFormat.of(self.tokenizer)
         # Layers other than KVCache (sliding-window, recurrent) cannot always be trimmed back to
         # a divergence; the engine keeps a checkpoint at each turn boundary for them.
         self.needs_checkpoints = not all(
@@ -103,12 +109,18 @@ class ModelRuntime:
         self._kv_growth = self._measure_kv_growth()
 
     def _current_fingerprint(self) -> str:
-        return _fingerprint(self.model_dir) + (f"-kv{self.kv_bits}" if self.kv_bits else "")
+        fingerprint = _fingerprint(self.model_dir) + (f"-kv{self.kv_bits}" if self.kv_bits else "")
+        if self.chat_template is not None:
+            fingerprint += "-t" + hashlib.sha256(self.chat_template.encode()).hexdigest()[:8]
+        return fingerprint
 
     def _load(self) -> dict:
         started = time.monotonic()
         try:
-            self.model, self.tokenizer, config = load(str(self.model_dir), return_config=True)
+            extra = {"chat_template": self.chat_template} if self.chat_template is not None else None
+            self.model, self.tokenizer, config = load(
+                str(self.model_dir), return_config=True, tokenizer_config=extra
+            )
         except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model directory
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
         if self.backend == "cpu":
@@ -323,12 +335,37 @@ def _return_free_memory() -> None:
         pass
 
 
-def load_runtime(model_dir: Path | None, cache_dir: Path, *, kv_bits: int = 0) -> ModelRuntime:
-    """The runtime for ``--model DIR``, or for the embedded default model when None."""
+def load_runtime(
+    model_dir: Path | None, cache_dir: Path, *, kv_bits: int = 0, chat_template: str | None = None
+) -> ModelRuntime:
+    """The runtime for ``--model DIR``, or for the embedded default model when None;
+    ``chat_template``: ``--chat-template``, a bundled template's name or a file."""
+    template = read_chat_template(chat_template) if chat_template else None
     if model_dir is None:
         from .convert import DEFAULT_MODEL_NAME, ensure_default_model
 
-        return ModelRuntime(ensure_default_model(cache_dir), name=DEFAULT_MODEL_NAME, kv_bits=kv_bits)
+        return ModelRuntime(ensure_default_model(cache_dir), name=DEFAULT_MODEL_NAME, kv_bits=kv_bits,
+                            chat_template=template)
     if not Path(model_dir).is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
-    return ModelRuntime(Path(model_dir), kv_bits=kv_bits)
+    return ModelRuntime(Path(model_dir), kv_bits=kv_bits, chat_template=template)
+
+
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+def bundled_templates() -> list[str]:
+    return sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja"))
+
+
+def read_chat_template(name_or_path: str) -> str:
+    """A bundled template by name (``chatml-tools``), else a Jinja file's text."""
+    bundled = TEMPLATES_DIR / f"{name_or_path}.jinja"
+    path = bundled if "/" not in name_or_path and bundled.is_file() else Path(name_or_path).expanduser()
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"cannot read chat template {name_or_path!r} (a file, or one of: "
+            f"{', '.join(bundled_templates())}): {exc}"
+        ) from None

@@ -18,13 +18,13 @@ from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
 from .conversations import ConversationRecord
 from .engine import Engine, Failed, Finished, Started, Text, Turn
+from .reply import ToolCall
 from .errors import ConversationNotFoundError, InvalidRequestError, MlxkvError, status_code
 from .runtime import Sampling
 from .turns import Turns
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "user", "assistant", "tool")
 MAX_CONVERSATION_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
@@ -40,6 +40,7 @@ _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
     "length": pb.FINISH_REASON_LENGTH,
     "stop_string": pb.FINISH_REASON_STOP_STRING,
+    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
 }
 
 
@@ -57,21 +58,45 @@ def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None
 
 
 def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
-    if not request.messages:
-        raise InvalidRequestError("messages must not be empty")
+    """The request's messages as dicts (``turns.check_messages`` checks them)."""
     out = []
     for i, m in enumerate(request.messages):
-        if m.role not in ROLES:
-            raise InvalidRequestError(
-                f"messages[{i}].role {m.role!r} is not one of {', '.join(ROLES)}"
-            )
         message: dict[str, Any] = {"role": m.role, "content": m.content}
         if m.name:
             message["name"] = m.name
         if m.tool_call_id:
             message["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            message["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]")
+                                     for j, c in enumerate(m.tool_calls)]
         out.append(message)
     return out
+
+
+def _tool_call(call: pb.ToolCall, where: str) -> dict[str, Any]:
+    try:
+        arguments = json.loads(call.arguments_json or "{}")
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequestError(f"{where}.arguments_json is not JSON: {exc}") from None
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
+
+
+def _tool_call_pb(call: ToolCall) -> pb.ToolCall:
+    return pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
+
+
+def _message_pb(m: dict[str, Any]) -> pb.Message:
+    return pb.Message(
+        role=m["role"],
+        content=m["content"],
+        name=m.get("name", ""),
+        tool_call_id=m.get("tool_call_id", ""),
+        tool_calls=[
+            pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"],
+                        arguments_json=json.dumps(c["function"]["arguments"], ensure_ascii=False))
+            for c in m.get("tool_calls", ())
+        ],
+    )
 
 
 def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
@@ -125,15 +150,7 @@ def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ..
     return pb.Conversation(
         conversation_id=record.conversation_id,
         revision=record.revision,
-        messages=[
-            pb.Message(
-                role=m["role"],
-                content=m["content"],
-                name=m.get("name", ""),
-                tool_call_id=m.get("tool_call_id", ""),
-            )
-            for m in record.messages
-        ],
+        messages=[_message_pb(m) for m in record.messages],
         tools=[
             pb.Tool(
                 name=t["name"],
@@ -152,7 +169,9 @@ def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ..
 
 def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.GenerateResponse:
     if isinstance(event, Text):
-        return pb.GenerateResponse(delta=pb.Delta(text=event.text, token_ids=event.token_ids))
+        return pb.GenerateResponse(delta=pb.Delta(
+            text=event.text, token_ids=event.token_ids, tool_calls=[_tool_call_pb(c) for c in event.tool_calls]
+        ))
     if isinstance(event, Started):
         return pb.GenerateResponse(
             start=pb.Start(
@@ -162,6 +181,7 @@ def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.Gene
                 cache_source=_CACHE_SOURCES.get(event.cache_source, pb.CACHE_SOURCE_UNSPECIFIED),
                 prefill_tokens=event.prompt_tokens - event.cached_tokens,
                 cache_miss_reason=event.cache_miss_reason,
+                tools_ignored=event.tools_ignored,
             )
         )
     return pb.GenerateResponse(
@@ -182,6 +202,7 @@ def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.Gene
             ),
             revision=event.revision,
             text=event.text,
+            tool_calls=[_tool_call_pb(c) for c in event.tool_calls],
         )
     )
 
@@ -222,6 +243,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             sampling=_sampling(request),
             max_tokens=max_tokens,
             stop=_stop(request),
+            tool_choice=request.tool_choice,
         )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:

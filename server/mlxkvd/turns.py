@@ -1,20 +1,52 @@
 """The turns layer: everything a turn needs before the engine runs it.
 
-An adapter (the gRPC service) hands over validated plain values. Here the conversation is
-claimed in the registry, rendered by the chat template and tokenized on the calling handler
-thread (only what changed since the conversation's last prompt is tokenized, see
-``prompt.py``), a prompt that cannot fit the model's context is refused, and the engine gets
-a ``Turn`` ready to run. A refused turn releases its claim.
+Adapters (the gRPC service, the HTTP APIs) hand over plain values: messages as dicts in the
+shape chat templates take (``check_messages``). Here the conversation is found (``submit`` names
+it; ``submit_stateless`` maps a whole resent history to one, see ``sessions.py``) and claimed in
+the registry, rendered by the chat template and tokenized on the calling handler thread (only
+what changed since the conversation's last prompt is tokenized, see ``prompt.py``), a prompt
+that cannot fit the model's context is refused, tool choice is applied, and the engine gets a
+``Turn`` ready to run. A refused turn releases its claim.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Any, Sequence
 
 from .conversations import ConversationRegistry, TurnPlan
 from .engine import Engine, Turn
-from .errors import ContextOverflowError
+from .errors import ContextOverflowError, ConversationBusyError, InvalidRequestError, StaleRevisionError
 from .runtime import Sampling
+from .sessions import Sessions, new_conversation_id
+
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_CHOICES = ("", "auto", "none", "required")
+
+
+def check_messages(messages: Sequence[dict[str, Any]]) -> None:
+    """``InvalidRequestError`` unless every message is ``{"role", "content": str}`` with, for
+    an assistant, optional ``tool_calls`` ``[{"id", "type": "function", "function": {"name",
+    "arguments": dict}}]`` and, for a tool result, an optional ``tool_call_id`` and ``name``."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty")
+    for i, m in enumerate(messages):
+        if m.get("role") not in ROLES:
+            raise InvalidRequestError(f"messages[{i}].role {m.get('role')!r} is not one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}].content must be a string")
+        calls = m.get("tool_calls")
+        if calls is None:
+            continue
+        if m["role"] != "assistant":
+            raise InvalidRequestError(f"messages[{i}]: only assistant messages carry tool calls")
+        for j, call in enumerate(calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+                raise InvalidRequestError(f"messages[{i}].tool_calls[{j}] needs a function name")
+            if not isinstance(function.get("arguments"), dict):
+                raise InvalidRequestError(f"messages[{i}].tool_calls[{j}].arguments must be a JSON object")
 
 
 class Turns:
@@ -23,6 +55,7 @@ class Turns:
     def __init__(self, engine: Engine, registry: ConversationRegistry):
         self.engine = engine
         self.registry = registry
+        self.sessions = Sessions(registry)
 
     def submit(
         self,
@@ -35,9 +68,12 @@ class Turns:
         sampling: Sampling,
         max_tokens: int,
         stop: Sequence[str] = (),
+        tool_choice: str = "auto",
     ) -> Turn:
         """Claim, render, check and submit one turn; its events arrive on ``turn.events``.
-        ``conversation_id`` empty: a one-shot turn, nothing is kept."""
+        ``conversation_id`` empty: a one-shot turn, nothing is kept. ``tool_choice``: "auto"
+        (or ""), "none" (tools rendered, calls not parsed), "required", or a tool's name."""
+        check_messages(messages)
         one_shot = not conversation_id
         if one_shot:
             plan = TurnPlan("", list(messages), list(tools), 0)
@@ -46,13 +82,46 @@ class Turns:
                 conversation_id, messages, tools, reset=reset, base_revision=base_revision
             )
         try:
-            turn = self._prepare(plan, sampling, max_tokens, tuple(stop), one_shot)
+            turn = self._prepare(plan, sampling, max_tokens, tuple(stop), one_shot, tool_choice)
             self.engine.submit(turn)
         except BaseException:
             if not one_shot:
                 self.registry.abandon_turn(plan)
             raise
         return turn
+
+    def submit_stateless(
+        self,
+        session: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        **turn: Any,
+    ) -> Turn:
+        """A turn of an API that resends the whole history: ``messages`` continue the session's
+        conversation that stored their beginning (in place), else start a new one (see
+        ``sessions.py``). ``turn``: ``submit``'s keyword arguments but ``reset`` and
+        ``base_revision``. ``turn.plan.conversation_id`` names the conversation used."""
+        check_messages(messages)
+        found = self.sessions.find(session, messages, tools)
+        if found is not None:
+            try:
+                submitted = self.submit(found.conversation_id, messages[found.stored:], tools,
+                                        reset=False, base_revision=found.revision, **turn)
+                self.sessions.remember(session, found.conversation_id)
+                return submitted
+            except (ConversationBusyError, StaleRevisionError):
+                pass  # a concurrent request took it: this one branches
+        conversation_id = new_conversation_id()
+        submitted = self.submit(conversation_id, messages, tools, reset=True, base_revision=0, **turn)
+        self.sessions.remember(session, conversation_id)
+        return submitted
+
+    def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
+        """Tokens of the prompt these messages render to (with the generation prompt)."""
+        check_messages(messages)
+        renderer = self.engine.runtime.renderer
+        self._check_size(messages)
+        return len(renderer.render(messages, tools))
 
     def cancel(self, turn: Turn) -> None:
         """The turn's client went away (or the RPC ended): stop it, and let a next turn of
@@ -61,20 +130,31 @@ class Turns:
         if not turn.one_shot:
             self.registry.cancel_turn(turn.plan)
 
-    def _prepare(
-        self, plan: TurnPlan, sampling: Sampling, max_tokens: int, stop: tuple[str, ...], one_shot: bool
-    ) -> Turn:
-        runtime = self.engine.runtime
-        renderer = runtime.renderer
-        limit = runtime.context_length
-        if renderer.min_tokens(plan.messages) >= limit:
+    def _check_size(self, messages: Sequence[dict[str, Any]]) -> None:
+        limit = self.engine.runtime.context_length
+        if self.engine.runtime.renderer.min_tokens(messages) >= limit:
             # Refused before tokenizing: a huge request costs a sum of lengths, not seconds.
             raise ContextOverflowError(
                 f"the messages take more than {limit} tokens, the model's context window"
             )
+
+    def _prepare(
+        self, plan: TurnPlan, sampling: Sampling, max_tokens: int, stop: tuple[str, ...], one_shot: bool,
+        tool_choice: str,
+    ) -> Turn:
+        runtime = self.engine.runtime
+        renderer = runtime.renderer
+        limit = runtime.context_length
+        self._check_size(plan.messages)
+        tools_ignored = bool(plan.tools) and not renderer.renders_tools
+        forced = self._forced_call(tool_choice, plan.tools, tools_ignored)
         prompt = renderer.render(
             plan.messages, plan.tools, previous=plan.previous_prompt, continues=plan.continues
         )
+        if forced:
+            # The reply starts with the call's opening, written into the prompt.
+            grown = renderer.tokenize(prompt.text + forced, prompt, guarded=prompt.guarded)
+            prompt = dataclasses.replace(prompt, text=grown.text, ids=grown.ids, marks=grown.marks)
         if len(prompt) >= limit:
             raise ContextOverflowError(
                 f"the prompt has {len(prompt)} tokens; the model's context window is {limit}"
@@ -88,4 +168,30 @@ class Turns:
             )
             if len(head) < len(prompt) and prompt.ids[: len(head)] == head.ids:
                 boundary = len(head)
-        return Turn(plan, prompt, sampling, max_tokens, stop, one_shot=one_shot, boundary=boundary)
+        parse = plan.tools and tool_choice != "none" and not tools_ignored
+        return Turn(plan, prompt, sampling, max_tokens, stop, one_shot=one_shot, boundary=boundary,
+                    tool_format=runtime.tool_format if parse else None, reply_prefix=forced,
+                    tools_ignored=tools_ignored)
+
+    def _forced_call(self, tool_choice: str, tools: list[dict[str, Any]], tools_ignored: bool) -> str:
+        """The text a reply must start with for ``tool_choice`` ("" when it is free)."""
+        if tool_choice in ("", "auto", "none"):
+            return ""
+        names = [t["name"] for t in tools]
+        if tool_choice != "required" and tool_choice not in names:
+            raise InvalidRequestError(
+                f"tool_choice {tool_choice!r} is not 'auto', 'none', 'required' nor the name of "
+                f"a tool sent ({', '.join(names) or 'none sent'})"
+            )
+        tool_format = self.engine.runtime.tool_format
+        if tools_ignored or tool_format is None:
+            raise InvalidRequestError(
+                f"tool_choice {tool_choice!r} needs a tool call, but the model's chat template "
+                + ("renders no tools" if tools_ignored else "has no tool-call format mlx-lm can parse")
+                + " (mlxkvd serve --chat-template can replace it)"
+            )
+        if tool_choice == "required":
+            return tool_format.start
+        if tool_format.start == "<tool_call>" and tool_format.parse.__module__.endswith("json_tools"):
+            return tool_format.start + '\n{"name": ' + json.dumps(tool_choice) + ', "arguments": '
+        return tool_format.start
