@@ -155,18 +155,21 @@ def shared_daemon(tmp_path_factory, cache_dir, model_dir):
 class Reference:
     """mlx-lm in-process, no cache: the ground truth for greedy output."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, chat_template: str | None = None):
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.utils import dequantize_model
 
-        self.model, self.tokenizer = load(str(model_dir))
+        extra = {"chat_template": chat_template} if chat_template is not None else None
+        self.model, self.tokenizer = load(str(model_dir), tokenizer_config=extra)
         if mx.default_device() == mx.cpu:
             dequantize_model(self.model)
             self.model.set_dtype(mx.float32)
         mx.eval(self.model.parameters())
 
     def prompt(self, messages, tools=None) -> list[int]:
+        """``tools`` as mlxkv takes them: ``[{"name", "description", "parameters"}]``."""
+        tools = [{"type": "function", "function": t} for t in tools] if tools else None
         return list(self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True))
 
     def generate(self, messages, max_tokens: int, tools=None) -> list[int]:
@@ -186,3 +189,12 @@ class Reference:
 @pytest.fixture(scope="session")
 def reference(model_dir) -> Reference:
     return Reference(model_dir)
+
+
+@pytest.fixture(scope="session")
+def tools_reference(model_dir) -> Reference:
+    """The reference with the bundled template that renders tools (``--chat-template
+    chatml-tools``)."""
+    from mlxkvd.runtime import read_chat_template
+
+    return Reference(model_dir, chat_template=read_chat_template("chatml-tools"))

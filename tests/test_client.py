@@ -23,7 +23,7 @@ import pytest
 
 from mlxkv import Client, Conversation, DaemonUnavailableError, MlxkvError, NotFoundError, Turn
 from mlxkv import cli
-from mlxkv.client import message_from_proto, message_to_proto, tool_from_proto, tool_to_proto
+from mlxkv.convert import message_from_proto, message_to_proto, tool_from_proto, tool_to_proto
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 

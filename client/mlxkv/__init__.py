@@ -13,14 +13,9 @@ from __future__ import annotations
 
 from importlib import metadata
 
-from mlxkv.client import (
-    Client,
-    Conversation,
-    DaemonUnavailableError,
-    MlxkvError,
-    NotFoundError,
-    Turn,
-)
+from mlxkv.client import Client
+from mlxkv.conversation import Conversation, ToolCall, Turn
+from mlxkv.errors import DaemonUnavailableError, MlxkvError, NotFoundError
 
 try:
     __version__ = metadata.version("mlxkv")
@@ -33,6 +28,7 @@ __all__ = [
     "DaemonUnavailableError",
     "MlxkvError",
     "NotFoundError",
+    "ToolCall",
     "Turn",
     "__version__",
 ]

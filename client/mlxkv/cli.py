@@ -20,7 +20,10 @@ import platformdirs
 from google.protobuf import json_format
 
 from mlxkv.autostart import DaemonNotInstalledError, start_daemon
-from mlxkv.client import Client, Conversation, DaemonUnavailableError, MlxkvError, NotFoundError, Turn
+from mlxkv.client import Client
+from mlxkv.conversation import Conversation, ToolCall, Turn
+from mlxkv.convert import tool_to_proto
+from mlxkv.errors import DaemonUnavailableError, MlxkvError, NotFoundError
 
 EXIT_ERROR = 1
 EXIT_UNAVAILABLE = 2
@@ -158,6 +161,11 @@ def format_stats(turn: Turn) -> str:
     return "[" + " · ".join(parts) + "]"
 
 
+def format_tool_call(call: ToolCall) -> str:
+    """The line printed for a tool call the model made: ``[tool call] name({...})``."""
+    return f"[tool call] {call.name}({call.arguments_json})"
+
+
 def format_status(status: Any) -> str:
     """The ``mlxkv status`` report: a summary table, then one row per cache tier."""
     summary = [
@@ -210,31 +218,71 @@ def format_conversations(conversations: Sequence[Any]) -> str:
 # --- commands -------------------------------------------------------------------------------
 
 
-def _sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+            "tool_choice": args.tool_choice}
+
+
+def load_tools(path: str | os.PathLike[str] | None) -> list[dict[str, Any]] | None:
+    """The tools of ``--tools FILE``: a JSON list of ``{"name", "description", "parameters"}``;
+    None without the option."""
+    if path is None:
+        return None
+    try:
+        tools = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the tools in {path}: {exc}") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise CliError(f"{path} must hold a JSON list of tools ({{\"name\", \"description\", \"parameters\"}})")
+    for i, tool in enumerate(tools):
+        try:
+            tool_to_proto(tool)
+        except (TypeError, ValueError) as exc:
+            raise CliError(f"{path}: tool {i}: {exc}") from None
+    return tools
 
 
 def _stream_turn(conv: Conversation, text: str, args: argparse.Namespace, out: TextIO) -> Turn:
+    """One turn: its text streamed to ``out``, then a line per tool call the model made."""
+    streamed: list[str] = []
+
+    def show(text: str) -> None:
+        streamed.append(text)
+        out.write(text)
+        out.flush()
+
     def restart() -> None:
+        streamed.clear()
         out.write("\n")
         print("mlxkv: the daemon restarted mid-answer; answering again", file=sys.stderr)
 
-    turn = conv.send(text, on_text=lambda t: (out.write(t), out.flush()), on_restart=restart, **_sampling(args))
-    out.write("\n")
+    turn = conv.send(text, on_text=show, on_restart=restart, **_options(args))
+    shown = "".join(streamed)
+    if not turn.tool_calls or (shown and not shown.endswith("\n")):
+        out.write("\n")
+    for call in turn.tool_calls:
+        out.write(format_tool_call(call) + "\n")
     out.flush()
+    if turn.tools_ignored:
+        print("mlxkv: warning: the model's chat template does not render tools: the model did not see them",
+              file=sys.stderr)
     if args.stats:
         print(format_stats(turn), file=sys.stderr)
     return turn
 
 
 def _open_conversation(client: Client, store: ConversationStore | None, args: argparse.Namespace) -> Conversation:
+    tools = load_tools(args.tools)
     conv = store.load(client, args.conversation) if store is not None and args.conversation else None
     if conv is None:
-        return client.conversation(args.conversation or None, system=args.system)
+        return client.conversation(args.conversation or None, system=args.system, tools=tools)
     if args.system is not None and _system_of(conv) != args.system:
         # A new system prompt is an edit of the first message: re-send everything.
         rest = conv.messages[1:] if _system_of(conv) is not None else conv.messages
         conv.reset([{"role": "system", "content": args.system}, *rest])
+    if tools is not None and tools != conv.tools:
+        # Tools are rendered at the top of the prompt: new ones are an edit too.
+        conv.reset(conv.messages, tools=tools)
     return conv
 
 
@@ -249,7 +297,7 @@ def cmd_ask(client: Client, args: argparse.Namespace) -> int:
     if not text.strip():
         raise CliError("nothing to ask: the text is empty")
     if not args.conversation:
-        conv = client.conversation("", system=args.system)
+        conv = client.conversation("", system=args.system, tools=load_tools(args.tools))
         _stream_turn(conv, text, args, sys.stdout)
         return 0
     store = ConversationStore.default()
@@ -353,6 +401,11 @@ def _add_turn_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, metavar="N", help="the answer's token limit")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy)")
     parser.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
+    parser.add_argument("--tools", metavar="FILE",
+                        help='functions the model may call: a JSON list of {"name", "description", '
+                             '"parameters": <JSON schema>}; its calls are printed as "[tool call] name({...})"')
+    parser.add_argument("--tool-choice", metavar="CHOICE",
+                        help="auto (default), none, required, or the name of the tool the model must call")
 
 
 def build_parser() -> argparse.ArgumentParser:

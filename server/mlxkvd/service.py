@@ -13,6 +13,7 @@ from typing import Any, Iterator
 
 import grpc
 
+from mlxkv.convert import CACHE_SOURCE_VALUES, FINISH_REASON_VALUES
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
@@ -28,21 +29,6 @@ log = logging.getLogger(__name__)
 MAX_CONVERSATION_ID_BYTES = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
-
-_CACHE_SOURCES = {
-    "none": pb.CACHE_SOURCE_NONE,
-    "conversation": pb.CACHE_SOURCE_CONVERSATION,
-    "shared_prefix": pb.CACHE_SOURCE_SHARED_PREFIX,
-    "disk": pb.CACHE_SOURCE_DISK,
-    "checkpoint": pb.CACHE_SOURCE_CHECKPOINT,
-}
-_FINISH_REASONS = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "stop_string": pb.FINISH_REASON_STOP_STRING,
-    "tool_calls": pb.FINISH_REASON_TOOL_CALLS,
-}
-
 
 def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None:
     if not conversation_id:
@@ -178,7 +164,7 @@ def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.Gene
                 conversation_id=conversation_id,
                 prompt_tokens=event.prompt_tokens,
                 cached_tokens=event.cached_tokens,
-                cache_source=_CACHE_SOURCES.get(event.cache_source, pb.CACHE_SOURCE_UNSPECIFIED),
+                cache_source=CACHE_SOURCE_VALUES.get(event.cache_source, pb.CACHE_SOURCE_UNSPECIFIED),
                 prefill_tokens=event.prompt_tokens - event.cached_tokens,
                 cache_miss_reason=event.cache_miss_reason,
                 tools_ignored=event.tools_ignored,
@@ -186,7 +172,7 @@ def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.Gene
         )
     return pb.GenerateResponse(
         done=pb.Done(
-            finish_reason=_FINISH_REASONS[event.finish_reason],
+            finish_reason=FINISH_REASON_VALUES[event.finish_reason],
             usage=pb.Usage(
                 prompt_tokens=event.prompt_tokens,
                 cached_tokens=event.cached_tokens,
