@@ -193,5 +193,6 @@ class Turns:
         if tool_choice == "required":
             return tool_format.start
         if tool_format.start == "<tool_call>" and tool_format.parse.__module__.endswith("json_tools"):
-            return tool_format.start + '\n{"name": ' + json.dumps(tool_choice) + ', "arguments": '
+            # No space at the end: BPE vocabularies join it to the next token (' {').
+            return tool_format.start + '\n{"name": ' + json.dumps(tool_choice) + ', "arguments":'
         return tool_format.start
