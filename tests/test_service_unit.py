@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from mlxkvd import service_unit as su
-from mlxkvd.daemon import EXIT_MODEL, EXIT_SERVICE, EXIT_SOCKET, EXIT_USAGE
+from mlxkvd.daemon import EXIT_HTTP, EXIT_MODEL, EXIT_SERVICE, EXIT_SOCKET, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_MLXKVD = str(Path(sys.executable).absolute().parent / "mlxkvd")
@@ -363,6 +363,22 @@ def test_install_writes_flags_and_env_into_the_command_line_not_file_settings(tm
     ]
     # The socket named in the file, relative to the file, pinned in the service's environment.
     assert f"Environment=MLXKV_SOCKET={tmp_path}/conf/s/d.sock\n" in proc.stdout
+
+
+def test_install_passes_the_http_gateway_on_and_pins_its_key_file(tmp_path):
+    env = isolated_env(tmp_path, MLXKV_HTTP_ALLOW_ANY_ADDRESS="1")
+    proc = mlxkvd("install", "--print", "--manager", "systemd", "--http", "0.0.0.0:8080", env=env)
+    assert proc.returncode == 0, proc.stderr
+    exec_start = re.search(r"^ExecStart=(.*)$", proc.stdout, re.M).group(1)
+    key_file = str(tmp_path / ".config" / "mlxkv" / "api-key")
+    assert exec_start.split() == [VENV_MLXKVD, "serve", "--http", "0.0.0.0:8080", "--http-allow-any-address",
+                                  "--http-api-key-file", key_file]
+    restart = re.search(r"^RestartPreventExitStatus=(.*)$", proc.stdout, re.M).group(1)
+    assert str(EXIT_HTTP) in restart.split()
+    # A service that would refuse to start is not installed.
+    refused = mlxkvd("install", "--print", "--manager", "systemd", "--http", "0.0.0.0:8080",
+                     env=isolated_env(tmp_path))
+    assert refused.returncode == EXIT_HTTP and "--http-allow-any-address" in refused.stderr
 
 
 def test_install_refuses_a_socket_path_over_the_limit(tmp_path):

@@ -44,10 +44,15 @@ def default_socket_dir() -> Path:
     return Path(platformdirs.user_cache_dir(APP_NAME, appauthor=False)) / "run"
 
 
+def default_config_dir() -> Path:
+    """The user config directory: ``~/.config/mlxkv`` on Linux, ``~/Library/Application
+    Support/mlxkv`` on macOS."""
+    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False))
+
+
 def default_config_file() -> Path:
-    """``<user config dir>/mlxkv/mlxkvd.toml`` (``~/.config/mlxkv`` on Linux,
-    ``~/Library/Application Support/mlxkv`` on macOS)."""
-    return Path(platformdirs.user_config_dir(APP_NAME, appauthor=False)) / CONFIG_NAME
+    """``mlxkvd.toml`` in the user config directory."""
+    return default_config_dir() / CONFIG_NAME
 
 
 def config_file(environ: Mapping[str, str] | None = None) -> Path | None:

@@ -1,4 +1,4 @@
-"""The ``mlxkvd`` command: serve, config, install, uninstall. The daemon's life itself
+"""The ``mlxkvd`` command: serve, config, install, uninstall, api-key. The daemon's life itself
 (socket, signals, startup and shutdown) is ``lifecycle.py``.
 """
 
@@ -27,7 +27,7 @@ from .config import (
 
 log = logging.getLogger("mlxkvd")
 
-from .lifecycle import EXIT_MODEL, EXIT_SOCKET
+from .lifecycle import EXIT_HTTP, EXIT_MODEL, EXIT_SOCKET
 
 EXIT_USAGE = 2
 EXIT_SERVICE = 5  # launchctl / systemctl missing or failed
@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_arguments(install)
     sub.add_parser("uninstall", parents=[manager], help="stop the background service and remove it")
+    api_key = sub.add_parser(
+        "api-key",
+        help="print the HTTP APIs' key (making one if there is none)",
+        description="Print the key that clients of `mlxkvd serve --http` send (Authorization: "
+        "Bearer KEY, or x-api-key: KEY). The first use makes a random one, in a file only you "
+        "can read (--http-api-key-file).",
+    )
+    add_arguments(api_key)
     return parser
 
 
@@ -94,20 +102,29 @@ def service_spec(config: Config, sources: dict[str, str], config_file: Path | No
     Settings given as flags or environment variables here are written into the command line
     (launchd and systemd do not see this shell's environment); settings from the config file
     are left to the file, so that editing it and sending SIGHUP, or restarting, takes effect.
-    The socket goes into the service's environment as MLXKV_SOCKET.
+    The socket goes into the service's environment as MLXKV_SOCKET. With the HTTP gateway on,
+    the API key file is pinned to the one this shell finds.
     """
     argv = [*service_unit.daemon_executable(), "serve"]
     if config_file is not None:
         argv += ["--config", str(config_file.absolute())]
     for name in FIELDS:
         if name != "socket" and sources[name].startswith(("flag", "env")):
-            argv += [flag_name(name), _flag_value(getattr(config, name))]
+            value = getattr(config, name)
+            if FIELDS[name].metadata["switch"]:
+                argv += [flag_name(name)] if value else []
+            else:
+                argv += [flag_name(name), _flag_value(value)]
+    if config.http and sources["http_api_key_file"] == "default":
+        # Pinned: the service manager's XDG_CONFIG_HOME may not be this shell's, and
+        # `mlxkvd api-key` run here must print the key the service checks.
+        argv += [flag_name("http_api_key_file"), str(config.api_key_path().absolute())]
     return service_unit.ServiceSpec(
         argv=tuple(argv),
         socket=config.socket_path().absolute(),
         home=Path.home(),
         shutdown_grace_s=config.shutdown_grace_s,
-        no_restart_exit_codes=(EXIT_USAGE, EXIT_MODEL),
+        no_restart_exit_codes=(EXIT_USAGE, EXIT_MODEL, EXIT_HTTP),
     )
 
 
@@ -129,6 +146,14 @@ def install(args: argparse.Namespace, config: Config, sources: dict[str, str]) -
     except SocketError as exc:
         print(f"mlxkvd: error: {exc}", file=sys.stderr)
         return EXIT_SOCKET
+    if config.http:
+        from .http.server import ListenError, listen_address
+
+        try:
+            listen_address(config.http, config.http_allow_any_address)
+        except ListenError as exc:  # the service would refuse to start: say so now
+            print(f"mlxkvd: error: {exc}", file=sys.stderr)
+            return EXIT_HTTP
     # The default file is found by the service on its own; an explicit one is passed on.
     explicit = args.config is not None or bool(os.environ.get(CONFIG_ENV))
     spec = service_spec(config, sources, config_file_in_use(args) if explicit else None)
@@ -165,6 +190,17 @@ def uninstall(args: argparse.Namespace) -> int:
     return _carry_out(plan, args.dry_run)
 
 
+def print_api_key(config: Config) -> int:
+    from .http.auth import ApiKeyError, load_key
+
+    try:
+        print(load_key(config.api_key_path()))
+    except ApiKeyError as exc:
+        print(f"mlxkvd: error: {exc}", file=sys.stderr)
+        return EXIT_HTTP
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -181,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "install":
         return install(args, config, sources)
+    if args.command == "api-key":
+        return print_api_key(config)
     logging.basicConfig(level=config.log_level, format=LOG_FORMAT)
     from .lifecycle import serve
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -17,8 +16,10 @@ from mlxkv.convert import CACHE_SOURCE_VALUES, FINISH_REASON_VALUES
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
+from . import params
 from .conversations import ConversationRecord
-from .engine import Engine, Failed, Finished, Started, Text, Turn
+from .engine import Engine
+from .events import Failed, Finished, Started, Text, Turn
 from .reply import ToolCall
 from .errors import ConversationNotFoundError, InvalidRequestError, MlxkvError, status_code
 from .runtime import Sampling
@@ -27,8 +28,6 @@ from .turns import Turns
 log = logging.getLogger(__name__)
 
 MAX_CONVERSATION_ID_BYTES = 256
-MAX_STOP_STRINGS = 16
-MAX_STOP_STRING_CHARS = 256
 
 def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None:
     if not conversation_id:
@@ -106,28 +105,13 @@ def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
 
 def _sampling(request: pb.GenerateRequest) -> Sampling:
     s = request.sampling
-    if not math.isfinite(s.temperature) or s.temperature < 0:
-        raise InvalidRequestError(f"temperature must be >= 0, got {s.temperature}")
-    top_p = s.top_p if s.HasField("top_p") else 1.0
-    if not (0.0 < top_p <= 1.0):
-        raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
-    if s.top_k < 0:
-        raise InvalidRequestError(f"top_k must be >= 0, got {s.top_k}")
-    if not (0.0 <= s.min_p < 1.0):
-        raise InvalidRequestError(f"min_p must be in [0, 1), got {s.min_p}")
-    seed = s.seed if s.HasField("seed") else None
-    return Sampling(s.temperature, top_p, s.top_k, s.min_p, seed)
-
-
-def _stop(request: pb.GenerateRequest) -> tuple[str, ...]:
-    if len(request.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings")
-    for s in request.stop:
-        if not s or len(s) > MAX_STOP_STRING_CHARS:
-            raise InvalidRequestError(
-                f"stop strings must be 1 to {MAX_STOP_STRING_CHARS} characters"
-            )
-    return tuple(request.stop)
+    return params.sampling(
+        s.temperature,
+        s.top_p if s.HasField("top_p") else 1.0,
+        s.top_k,
+        s.min_p,
+        s.seed if s.HasField("seed") else None,
+    )
 
 
 def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ...], int] | None) -> pb.Conversation:
@@ -216,10 +200,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def _submit(self, request: pb.GenerateRequest) -> Turn:
         validate_conversation_id(request.conversation_id, allow_empty=True)
-        limit = self.engine.runtime.context_length
         max_tokens = request.max_tokens if request.HasField("max_tokens") else self.default_max_tokens
-        if not (1 <= max_tokens <= limit):
-            raise InvalidRequestError(f"max_tokens must be in [1, {limit}], got {max_tokens}")
         return self.turns.submit(
             request.conversation_id,
             _messages(request),
@@ -227,8 +208,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             reset=request.reset,
             base_revision=request.base_revision,
             sampling=_sampling(request),
-            max_tokens=max_tokens,
-            stop=_stop(request),
+            max_tokens=params.max_tokens(max_tokens, self.engine.runtime.context_length),
+            stop=params.stop_strings(request.stop),
             tool_choice=request.tool_choice,
         )
 
