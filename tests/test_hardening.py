@@ -165,6 +165,7 @@ class _Runtime:
     model = None
     tokenizer = type("T", (), {"vocab": {}})()
     loaded = True
+    can_batch = False
 
 
 class _Store:

@@ -23,11 +23,12 @@ from typing import Any, Callable
 
 import platformdirs
 
-from mlxkv.paths import APP_NAME, CONFIG_ENV, SOCKET_ENV, anchor, config_file, default_socket_path
+from mlxkv.paths import APP_NAME, CONFIG_ENV, SOCKET_ENV, anchor, config_file, default_config_dir, default_socket_path
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+API_KEY_NAME = "api-key"  # the HTTP APIs' key file, in the user config directory
 
 
 def _not_bool(value: Any) -> Any:
@@ -119,6 +120,31 @@ def _non_negative_float(value: Any) -> float:
     return x
 
 
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _http_address(value: Any) -> str:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6), normalised; "" turns the gateway off."""
+    if value in (None, ""):
+        return ""
+    host, sep, port = str(value).strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:8080, [::1]:8080), got {value!r}")
+    return f"[{host}]:{int(port)}" if ":" in host else f"{host}:{int(port)}"
+
+
 def _log_level(value: Any) -> str:
     level = str(value).upper()
     if level not in _LEVELS:
@@ -135,7 +161,8 @@ def _setting(
     reload: bool = False,
     default_factory: Callable[[], Any] | None = None,
 ):
-    metadata = {"help": help, "parse": parse, "metavar": metavar, "reload": reload}
+    # A boolean setting is a flag without a value on the command line (``--name``).
+    metadata = {"help": help, "parse": parse, "metavar": metavar, "reload": reload, "switch": parse is _bool}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -206,6 +233,12 @@ class Config:
         "S",
         reload=True,
     )
+    max_batch: int = _setting(
+        "turns of different conversations decoded together at most (1: one at a time)",
+        _positive_int,
+        8,
+        "N",
+    )
     max_conversations: int = _setting(
         "conversations remembered; beyond that the least recently used is forgotten, caches too",
         _positive_int,
@@ -213,7 +246,26 @@ class Config:
         "N",
     )
     max_message_bytes: int = _setting(
-        "largest gRPC request accepted (64KiB to 1GiB)", _message_size, 16 * 1024**2, "SIZE"
+        "largest request accepted, gRPC message or HTTP body (64KiB to 1GiB)", _message_size, 16 * 1024**2, "SIZE"
+    )
+    http: str = _setting(
+        "serve the OpenAI and Anthropic HTTP APIs on HOST:PORT (off when empty); "
+        "loopback addresses only, unless --http-allow-any-address",
+        _http_address,
+        "",
+        "HOST:PORT",
+    )
+    http_allow_any_address: bool = _setting(
+        "let --http listen on a non-loopback address (anyone who can reach it and has the "
+        "API key can use the model)",
+        _bool,
+        False,
+    )
+    http_api_key_file: Path | None = _setting(
+        "the HTTP APIs' key file, created (0600) with a new key if missing "
+        "(default: api-key in the user config directory)",
+        _optional_path,
+        metavar="FILE",
     )
     shutdown_grace_s: float = _setting(
         "on SIGTERM, how long running turns may go on before they are cancelled",
@@ -231,6 +283,10 @@ class Config:
 
     def disk_dir(self) -> Path:
         return self.cache_dir / "kv"
+
+    def api_key_path(self) -> Path:
+        """The HTTP APIs' key file."""
+        return self.http_api_key_file or default_config_dir() / API_KEY_NAME
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -256,12 +312,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"TOML config file (default: $MLXKV_CONFIG, else {config_file({})})",
     )
     for name, f in FIELDS.items():
+        help = f"{f.metadata['help']} [env {env_name(name)}]"
+        if f.metadata["switch"]:
+            parser.add_argument(flag_name(name), dest=name, action="store_const", const=True, default=None, help=help)
+            continue
         parser.add_argument(
             flag_name(name),
             dest=name,
             default=None,
             metavar=f.metadata["metavar"] or None,
-            help=f"{f.metadata['help']} [env {env_name(name)}]",
+            help=help,
         )
 
 

@@ -18,22 +18,22 @@ or after its thread died, fails with ``ShuttingDownError``.
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import dataclasses
 import logging
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from .conversations import ConversationRegistry, TurnPlan
-from .errors import MlxkvError, ShuttingDownError, TurnCancelledError
+from .conversations import ConversationRegistry
+from .events import Failed, Turn
+from .running import Counters, RunningTurn
+from .errors import ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
-from .prompt import Prompt, template_tools
-from .reply import Reply, ToolCall, ToolFormat
-from .runtime import ModelRuntime, Sampling
+from .runtime import ModelRuntime
 from .store import CacheStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
 # Room made, once a turn is over, in its conversation's cache for what the next turn adds (a
 # user message, the re-rendered end of the reply; a tool result may need more).
 NEXT_TURN_ROOM = 1024
+# Turns decoded together at most (1: one at a time).
+DEFAULT_MAX_BATCH = 8
 # How often an idle engine looks for caches past their TTL.
 TTL_CHECK_S = 1.0
 _EMPTY = object()
@@ -55,81 +57,6 @@ class _Task:
 
     fn: Callable[[], Any]
     future: Future | None = None
-
-
-# Events a turn emits, in order: Started, then Text*, then Finished or Failed.
-@dataclass(frozen=True)
-class Started:
-    prompt_tokens: int
-    cached_tokens: int
-    cache_source: str
-    cache_miss_reason: str
-    tools_ignored: bool = False  # tools were sent, the chat template renders none of them
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-    token_ids: tuple[int, ...]
-    tool_calls: tuple[ToolCall, ...] = ()  # completed with this text; their text is not in it
-
-
-@dataclass(frozen=True)
-class Finished:
-    finish_reason: str  # "stop" | "length" | "stop_string" | "tool_calls"
-    text: str  # the reply without its tool calls' text
-    tool_calls: tuple[ToolCall, ...]
-    prompt_tokens: int
-    cached_tokens: int
-    completion_tokens: int
-    time_to_first_token_s: float
-    prefill_tokens_per_s: float
-    decode_tokens_per_s: float
-    total_s: float
-    queue_s: float
-    revision: int
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: BaseException
-
-
-@dataclass
-class Turn:
-    """One submitted assistant turn. ``conversation_id`` empty means one-shot. ``boundary``:
-    where the generation prompt starts, for a model whose caches need turn checkpoints."""
-
-    plan: TurnPlan
-    prompt: Prompt
-    sampling: Sampling
-    max_tokens: int
-    stop: tuple[str, ...] = ()
-    one_shot: bool = False
-    boundary: int | None = None
-    tool_format: ToolFormat | None = None  # where tool calls are looked for (None: they are not)
-    reply_prefix: str = ""  # the end of the prompt that is the reply's start (a forced call)
-    tools_ignored: bool = False
-    events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    submitted_at: float = field(default_factory=time.perf_counter)
-    # Tokens generated so far (engine thread), and how many there were at cancel().
-    generated: int = 0
-    generated_at_cancel: int | None = None
-
-    def cancel(self) -> None:
-        if not self.cancelled.is_set():
-            self.generated_at_cancel = self.generated
-        self.cancelled.set()
-
-
-@dataclass
-class Counters:
-    requests: int = 0
-    requests_failed: int = 0
-    tokens_saved: int = 0
-    tokens_prefilled: int = 0
-    tokens_generated: int = 0
 
 
 class Engine:
@@ -144,6 +71,7 @@ class Engine:
         write_behind_delay_s: float = DEFAULT_WRITE_BEHIND_DELAY_S,
         idle_unload_s: float = 0.0,
         cache_ttl_s: float = 0.0,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ):
         self.runtime = runtime
         self.store = store
@@ -154,6 +82,13 @@ class Engine:
         self._ops = MlxCacheOps()
         self._last_turn_at = self._last_expiry_at = time.monotonic()
         self._room_for: str | None = None  # the conversation whose cache gets room next
+        self.max_batch = max_batch
+        self._batchable = runtime.can_batch
+        if max_batch > 1 and not self._batchable:
+            log.info("this model's caches cannot be batched: concurrent turns run one at a time")
+        self._batch = None  # the rows decoding together, in batch mode
+        self._waiting: collections.deque[Turn] = collections.deque()  # turns not admitted yet
+        self._stopping_seen = False
         self.counters = Counters()
         self._queue: "queue.Queue[Turn | _Task | None]" = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="mlxkv-engine", daemon=True)
@@ -256,6 +191,11 @@ class Engine:
             current = self._current
             if current is not None:
                 current.cancel()
+            for turn in list(self._waiting):
+                turn.cancel()
+            batch = self._batch
+            for run in batch.runs() if batch is not None else ():
+                run.turn.cancel()
             self._thread.join()
 
     # -- engine-thread side ---------------------------------------------------------------
@@ -275,16 +215,18 @@ class Engine:
             log.exception("flushing caches at shutdown failed")
 
     def _serve(self) -> None:
-        while (item := self._next_item()) is not None:
+        """Serial turns while one runs alone; once another turn arrives, batched turns until
+        the batch empties (see ``_run_serial`` and ``_run_batched``)."""
+        while True:
+            if self._batch is not None:
+                if not self._run_batched():
+                    return
+                continue
+            item = self._next_item()
+            if item is None:
+                return
             if isinstance(item, Turn):
-                self._current = item
-                try:
-                    self._run(item)
-                finally:
-                    self._current = None
-                    self._last_turn_at = time.monotonic()
-                    with self._active_lock:
-                        self._active -= 1
+                self._run_serial(item)
                 self._refresh_snapshot()
             else:
                 self._run_task(item)
@@ -404,160 +346,158 @@ class Engine:
     def _refresh_snapshot(self) -> None:
         self._stats = self.store.stats()
 
-    def _run(self, turn: Turn) -> None:
-        self.counters.requests += 1
+    # -- turns --------------------------------------------------------------------------
+
+    def _new_run(self, turn: Turn) -> RunningTurn:
+        return RunningTurn(turn, self.runtime, self.store, self.registry, self.counters, self._vocab_size)
+
+    def _turn_ended(self, run: RunningTurn) -> None:
+        self._last_turn_at = time.monotonic()
+        with self._active_lock:
+            self._active -= 1
+        for forgotten in self.registry.pop_forgotten():
+            self.store.delete(forgotten)
+
+    def _complete(self, run: RunningTurn, cache: Any) -> None:
+        self._room_for = run.complete(cache)
+        self._turn_ended(run)
+
+    def _fail(self, run: RunningTurn, exc: BaseException) -> None:
+        run.fail(exc)
+        self._turn_ended(run)
+
+    def _run_serial(self, turn: Turn) -> None:
+        """One turn alone: chunked prefill, then the first token from one evaluation (see
+        ``ModelRuntime.generate``). Between prefill chunks and decode steps it looks for a
+        turn waiting: if batching is possible, the turn joins a batch (``_hand_over``)."""
+        run = self._new_run(turn)
+        rt = self.runtime
+        self._current = turn
         try:
             if turn.cancelled.is_set():
                 raise TurnCancelledError("cancelled before it started")
-            self._generate(turn)
+            if not rt.loaded:
+                rt.ensure_loaded()
+            run.begin(self._refresh_snapshot)
+            prompt, cache = run.prompt, run.cache
+            try:
+                # Prefill in chunks that a cancel can stop between, up to the last chunk, which
+                # generate() feeds in the same forward pass that samples the first token.
+                boundary = turn.boundary if turn.boundary is not None and turn.boundary >= run.held else None
+                last_chunk = max(run.held, len(prompt) - rt.prefill_step)
+                for target in sorted({last_chunk} | ({boundary} if boundary is not None else set())):
+                    while run.held < target:
+                        if self._turn_waiting():
+                            self._hand_over(run, prompt[: run.held], prompt[run.held:])
+                            return
+                        run.held += rt.prefill(prompt[run.held : min(target, run.held + rt.prefill_step)],
+                                               cache, turn.cancelled)
+                        if turn.cancelled.is_set():
+                            raise TurnCancelledError("the client cancelled the turn")
+                    if target == boundary:
+                        run.take_checkpoint(self._ops)
+                        self._refresh_snapshot()
+                # Closed on every exit, so that the cache holds every token generated.
+                with contextlib.closing(
+                    rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampling=run.sampling)
+                ) as tokens:
+                    handed_over = False
+                    for token in tokens:
+                        if turn.cancelled.is_set():
+                            run.generated.append(token)
+                            raise TurnCancelledError("the client cancelled the turn")
+                        if run.on_token(token):
+                            break
+                        if self._turn_waiting():
+                            handed_over = True
+                            break
+                if handed_over:
+                    # The cache holds every generated token; the last one is fed again as
+                    # the row's first input.
+                    self._ops.trim(cache, 1)
+                    self._hand_over(run, prompt + run.generated[:-1], run.generated[-1:])
+                    return
+            except TurnCancelledError:
+                held = len(prompt) + len(run.generated) if run.generated else run.held
+                run.cancelled(cache, held)
+                raise
+            self._complete(run, cache)
         except BaseException as exc:  # noqa: BLE001 - every failure goes back to the handler
-            self.store.release()
-            self.counters.requests_failed += 1
-            if not isinstance(exc, MlxkvError):
-                log.exception("turn of %r failed", turn.plan.conversation_id)
-            if not turn.one_shot:
-                self.registry.abandon_turn(turn.plan)
-            turn.events.put(Failed(exc))
+            self._fail(run, exc)
+        finally:
+            self._current = None
 
-    def _generate(self, turn: Turn) -> None:
-        rt = self.runtime
-        plan = turn.plan
-        started = time.perf_counter()
-        if not rt.loaded:
-            rt.ensure_loaded()
-        prompt = turn.prompt.ids
-        max_tokens = min(turn.max_tokens, rt.context_length - len(prompt))
-        sampling = turn.sampling
-        if sampling.top_k >= self._vocab_size:
-            # Keeping more tokens than the vocabulary has keeps them all. mlx-lm raises on it,
-            # inside a compiled function, which breaks every later sampled turn of the process.
-            sampling = dataclasses.replace(sampling, top_k=0)
-        key = None if turn.one_shot else plan.conversation_id
-        # The cache this turn grows counts against the memory budget from the start.
-        lookup = self.store.checkout(key, prompt, reserve_bytes=rt.kv_nbytes(len(prompt) + max_tokens))
-        self._refresh_snapshot()  # the status shows the reservation while the turn runs
-        cache = lookup.cache if lookup.cache is not None else rt.make_cache()
-        cached = lookup.cached_tokens
-        reason = lookup.reason
-        if lookup.diverged_at is not None and reason:
-            index = turn.prompt.message_at(lookup.diverged_at, plan.messages)
-            reason = f"{reason} (message {index}, role {plan.messages[index].get('role')})"
-        if reason:
-            log.info("conversation %r reuses %d of its tokens: %s", key, cached, reason)
-        turn.events.put(Started(len(prompt), cached, lookup.source, reason, turn.tools_ignored))
+    def _turn_waiting(self) -> bool:
+        """Whether a turn waits in the queue and could join this one in a batch."""
+        return self.max_batch > 1 and self._queue.qsize() > 0 and self._batchable and any(
+            isinstance(item, Turn) for item in list(self._queue.queue))
 
-        generated: list[int] = []
-        held = cached  # tokens the cache holds
-        checkpoint = None
-        pending: list[int] = []
-        finish = "length"
-        first_token_at = None
-        reply = Reply(rt.tokenizer, stop=turn.stop, tool_format=turn.tool_format,
-                      tools=template_tools(plan.tools), prefix=turn.reply_prefix)
-        eos = rt.eos_token_ids
-        try:
-            # Prefill in chunks that a cancel can stop between, up to the last chunk, which
-            # generate() feeds in the same forward pass that samples the first token.
-            boundary = turn.boundary if turn.boundary is not None and turn.boundary >= cached else None
-            last_chunk = max(held, len(prompt) - rt.prefill_step)
-            for target in sorted({last_chunk} | ({boundary} if boundary is not None else set())):
-                held += rt.prefill(prompt[held:target], cache, turn.cancelled)
-                if held < target:
-                    raise TurnCancelledError("the client cancelled the turn")
-                if target == boundary:
-                    checkpoint = (prompt[:held], self._ops.copy_prefix(cache, held))
-                    self.store.reserve(self._ops.nbytes(checkpoint[1]))
-                    self._refresh_snapshot()
-            # Closed on every exit, so that the cache holds every token generated (see generate).
-            with contextlib.closing(
-                rt.generate(prompt[held:], cache, max_tokens=max_tokens, sampling=sampling)
-            ) as tokens:
-                for token in tokens:
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    generated.append(token)
-                    turn.generated = len(generated)
-                    if turn.cancelled.is_set():
-                        raise TurnCancelledError("the client cancelled the turn")
-                    if token in eos:
-                        finish = "stop"
-                        break
-                    pending.append(token)
-                    text, calls = reply.add(token)
-                    if reply.stopped:
-                        finish = "stop_string"
-                    # The first token goes out at once, even with no text yet (a partial
-                    # character, a held-back space): the client sees the turn has started.
-                    if text or calls or len(generated) == 1 or reply.stopped:
-                        turn.events.put(Text(text, tuple(pending), tuple(calls)))
-                        pending = []
-                    if reply.stopped:
-                        break
-        except TurnCancelledError:
-            self.counters.tokens_saved += cached
-            self.counters.tokens_prefilled += len(prompt) - cached
-            self.counters.tokens_generated += len(generated)
-            at_cancel = turn.generated_at_cancel or 0
-            log.info(
-                "turn conversation=%s cancelled: generated=%d, %d after the cancel; not committed",
-                key or "-",
-                len(generated),
-                len(generated) - at_cancel,
-            )
-            # The cache holds the prompt (or the part prefilled) plus every token yielded so
-            # far: still usable.
-            held = len(prompt) + len(generated) if generated else held
-            self.store.checkin(key, (prompt + generated)[:held], cache, checkpoint=checkpoint)
-            raise
-        # Any other failure leaves the cache in an unknown state: it is dropped, never reused.
-        text, calls = reply.finish(cut=finish == "length")
-        if text or calls or pending:
-            turn.events.put(Text(text, tuple(pending), tuple(calls)))
-        if finish == "stop" and reply.tool_calls:
-            finish = "tool_calls"
+    def _hand_over(self, run: RunningTurn, held: list[int], new: list[int]) -> None:
+        """The serial turn becomes the first row of a batch; the waiting turns join it."""
+        from .batch import Batch
 
-        done_at = time.perf_counter()
-        first_token_at = first_token_at or done_at
-        prefill_s = max(first_token_at - started, 1e-9)
-        decode_s = done_at - first_token_at
-        revision = 0
-        if not turn.one_shot:
-            revision = self.registry.commit_turn(plan, reply.message(), prompt=turn.prompt)
-        self.counters.tokens_saved += cached
-        self.counters.tokens_prefilled += len(prompt) - cached
-        self.counters.tokens_generated += len(generated)
-        finished = Finished(
-            finish_reason=finish,
-            text=reply.content,
-            tool_calls=tuple(reply.tool_calls),
-            prompt_tokens=len(prompt),
-            cached_tokens=cached,
-            completion_tokens=len(generated),
-            time_to_first_token_s=first_token_at - turn.submitted_at,
-            prefill_tokens_per_s=(len(prompt) - cached) / prefill_s,
-            decode_tokens_per_s=(len(generated) - 1) / decode_s if len(generated) > 1 and decode_s > 0 else 0.0,
-            total_s=done_at - turn.submitted_at,
-            queue_s=started - turn.submitted_at,
-            revision=revision,
-        )
-        log.info(
-            "turn conversation=%s revision=%d prompt=%d reused=%d source=%s prefilled=%d "
-            "generated=%d finish=%s ttft=%.3fs prefill=%.0ftok/s decode=%.1ftok/s",
-            key or "-",
-            revision,
-            len(prompt),
-            cached,
-            lookup.source,
-            len(prompt) - cached,
-            len(generated),
-            finish,
-            finished.time_to_first_token_s,
-            finished.prefill_tokens_per_s,
-            finished.decode_tokens_per_s,
-        )
-        turn.events.put(finished)
-        # After the reply is out: an eviction this causes may write to disk.
-        self.store.checkin(key, prompt + generated, cache, checkpoint=checkpoint)
-        self._room_for = key
-        for forgotten in self.registry.pop_forgotten():
-            self.store.delete(forgotten)
+        self._batch = Batch(self.runtime, self.max_batch)
+        self._batch.add(run, held, new, run.cache)
+        log.info("batching: another turn arrived while conversation %r was running", run.key)
+
+    def _run_batched(self) -> bool:
+        """One cycle of batch mode: queued work taken in (turns wait for admission, tasks run),
+        cancelled rows taken out, one decode step (plus a prefill chunk). False once the
+        engine is stopping and nothing is left to run."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                self._stopping_seen = True
+            elif isinstance(item, Turn):
+                self._waiting.append(item)
+            else:
+                self._run_task(item)
+        self._admit()
+        batch = self._batch
+        for run in batch.runs():
+            if run.turn.cancelled.is_set():
+                cache, tokens = batch.remove(run)
+                run.cancelled(cache, len(tokens))
+                self._fail(run, TurnCancelledError("the client cancelled the turn"))
+        if len(batch):
+            try:
+                steps = batch.step()
+            except Exception as exc:  # noqa: BLE001 - the rows' caches are in an unknown state
+                for run in batch.runs():
+                    batch.remove(run)
+                    self._fail(run, exc)
+                steps = []
+            for step in steps:
+                if step.run.on_token(step.token) or step.cache is not None:
+                    cache = step.cache if step.cache is not None else batch.remove(step.run)[0]
+                    self._complete(step.run, cache)
+        if not len(batch) and not self._waiting:
+            batch.close()
+            self._batch = None
+            self._refresh_snapshot()
+            return not self._stopping_seen
+        return True
+
+    def _admit(self) -> None:
+        """Start waiting turns, oldest first, while the batch has rows free and the memory
+        budget has room for their caches beside those in flight (a turn that does not fit
+        waits; its wait shows as its queue time)."""
+        batch = self._batch
+        while self._waiting and len(batch) < self.max_batch:
+            turn = self._waiting[0]
+            if len(batch) and not self.store.can_reserve(RunningTurn.reserve_for(turn, self.runtime)):
+                return
+            self._waiting.popleft()
+            run = self._new_run(turn)
+            try:
+                if turn.cancelled.is_set():
+                    raise TurnCancelledError("cancelled before it started")
+                if not self.runtime.loaded:
+                    self.runtime.ensure_loaded()
+                run.begin(self._refresh_snapshot)
+                batch.add(run, run.prompt[: run.held], run.prompt[run.held:], run.cache)
+            except BaseException as exc:  # noqa: BLE001 - the handler gets every failure
+                self._fail(run, exc)

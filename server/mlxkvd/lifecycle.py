@@ -30,6 +30,9 @@ log = logging.getLogger("mlxkvd")
 EXIT_ENGINE = 1  # the engine thread died: a restart brings the daemon back
 EXIT_SOCKET = 3  # the socket path cannot be used: too long, not a socket, a live daemon on it
 EXIT_MODEL = 4
+# The HTTP gateway cannot start: a non-loopback address without --http-allow-any-address, an
+# address in use, an API key file that cannot be made or trusted.
+EXIT_HTTP = 6
 
 
 class StartupError(Exception):
@@ -107,6 +110,7 @@ class Daemon:
         self.server = None
         self.health = None
         self.service = None
+        self.http = None
 
     def startup(self) -> None:
         """Claim the socket, load the model, start the engine and the server; raises
@@ -123,6 +127,7 @@ class Daemon:
 
         config = self.config
         self.signals.install()
+        listen = self._http_listen() if config.http else None  # before the model: fails fast
         try:
             self.claim = claim(self.socket_path)
         except SocketError as exc:
@@ -152,6 +157,7 @@ class Daemon:
             write_behind_delay_s=config.write_behind_delay_s,
             idle_unload_s=config.idle_unload_s,
             cache_ttl_s=config.cache_ttl_s,
+            max_batch=config.max_batch,
         )
         self.engine.start()
         self.server, self.health, self.service = create_server(
@@ -163,10 +169,40 @@ class Daemon:
         self.service.socket_path = str(self.socket_path)
         self.server.start()
         self.claim.publish()  # the socket appears at socket_path now, the one release() may remove
+        if listen is not None:
+            self._start_http(*listen)
         log.info("serving %s on unix://%s (pid %d)", runtime.name, self.socket_path, os.getpid())
         # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart
         # started: the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
         service_unit.notify(f"READY=1\nSTATUS=serving {runtime.name} on {self.socket_path}")
+
+    def _http_listen(self) -> tuple[str, int, str]:
+        """Where the HTTP gateway listens and its API key; ``StartupError`` if it cannot."""
+        from .http.auth import ApiKeyError, load_key
+        from .http.server import ListenError, listen_address
+
+        try:
+            host, port = listen_address(self.config.http, self.config.http_allow_any_address)
+            return host, port, load_key(self.config.api_key_path())
+        except (ListenError, ApiKeyError) as exc:
+            raise StartupError(EXIT_HTTP, str(exc)) from None
+
+    def _start_http(self, host: str, port: int, api_key: str) -> None:
+        """The HTTP gateway, on the gRPC service's ``Turns``: one engine, one store, one registry."""
+        from .http.app import create_app
+        from .http.gateway import Gateway
+        from .http.server import HttpServer, ListenError
+
+        service = self.service
+        gateway = Gateway(service.turns, default_max_tokens=lambda: service.default_max_tokens,
+                          max_body_bytes=self.config.max_message_bytes)
+        server = HttpServer(create_app(gateway, api_key), host, port,
+                            shutdown_grace_s=self.config.shutdown_grace_s)
+        try:
+            server.start()
+        except ListenError as exc:
+            raise StartupError(EXIT_HTTP, str(exc)) from None
+        self.http = server
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT (0), or until the engine dies (``EXIT_ENGINE``)."""
@@ -201,6 +237,9 @@ class Daemon:
             service_unit.notify("STOPPING=1\nSTATUS=stopping")
             self.health.enter_graceful_shutdown()
         steps = []
+        if self.http is not None:
+            # Before the engine: requests in flight get the grace, new ones are refused.
+            steps.append(("stopping the HTTP gateway", self.http.stop))
         if self.engine is not None:
             # New turns are refused; in-flight ones get the grace period, then are cancelled.
             steps.append(("stopping the engine", lambda: self.engine.stop(grace_s=self.config.shutdown_grace_s)))

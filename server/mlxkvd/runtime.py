@@ -261,12 +261,7 @@ class ModelRuntime:
         """
         if sampling.seed is not None:
             mx.random.seed(sampling.seed)
-        sampler = make_sampler(
-            temp=sampling.temperature if sampling.temperature >= MIN_TEMPERATURE else 0.0,
-            top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
-            min_p=sampling.min_p,
-            top_k=sampling.top_k,
-        )
+        sampler = self.sampler(sampling)
         first = self._sample_next(new_tokens, cache, sampler)
         fed = False
         try:
@@ -289,6 +284,22 @@ class ModelRuntime:
             raise
         if not fed:  # a one-token reply
             self._sample_next([first], cache, None)
+
+    @staticmethod
+    def sampler(sampling: Sampling):
+        """mlx-lm's sampler for these parameters (greedy below ``MIN_TEMPERATURE``)."""
+        return make_sampler(
+            temp=sampling.temperature if sampling.temperature >= MIN_TEMPERATURE else 0.0,
+            top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
+            min_p=sampling.min_p,
+            top_k=sampling.top_k,
+        )
+
+    @property
+    def can_batch(self) -> bool:
+        """Whether this model's caches can be rows of mlx-lm's batch generator (plain
+        KVCache layers, not quantized)."""
+        return not self.kv_bits and all(type(c) is KVCache for c in self.make_cache())
 
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
         """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last

@@ -118,6 +118,27 @@ class _TierStats:
     misses: int = 0
 
 
+class Lease:
+    """A cache checked out for one turn (``CacheStore.lease``): what the lookup found, the
+    bytes reserved for it, and the one way back, ``checkin`` or ``release``."""
+
+    def __init__(self, store: "CacheStore", key: str | None, lookup: Lookup, lease: int):
+        self.key = key
+        self.lookup = lookup
+        self._store = store
+        self._lease = lease
+
+    def reserve(self, nbytes: int) -> None:
+        """The turn holds ``nbytes`` more (a checkpoint copy)."""
+        self._store.reserve(nbytes, lease=self._lease)
+
+    def checkin(self, tokens: Sequence[int], cache, *, checkpoint: tuple[Sequence[int], Any] | None = None) -> None:
+        self._store.checkin(self.key, tokens, cache, checkpoint=checkpoint, lease=self._lease)
+
+    def release(self) -> None:
+        self._store.release(lease=self._lease)
+
+
 class CacheStore:
     """Per-conversation KV caches in a memory tier and an optional disk tier.
 
@@ -154,7 +175,9 @@ class CacheStore:
         self._mem: lru.LRU = lru.LRU(_UNBOUNDED)
         self._mem_bytes = 0
         self._anonymous = 0  # one-shot entries in memory
-        self._reserved = 0  # bytes the checked-out cache may grow to (see checkout)
+        # Bytes each checked-out cache may grow to (see checkout), by lease.
+        self._leases: dict[int, int] = {}
+        self._next_lease = 1
         self._gone: lru.LRU = lru.LRU(_GONE_CAPACITY)  # key -> why it is no longer stored
         # Where each key's entry is seen (the resident one if it is in both tiers), and by
         # prefix. Every change of where an entry lives goes through _place or _relocate.
@@ -177,7 +200,17 @@ class CacheStore:
 
     # ----------------------------------------------------------------------------- public API
 
-    def checkout(self, key: str | None, tokens: Sequence[int], *, reserve_bytes: int = 0) -> Lookup:
+    @property
+    def _reserved(self) -> int:
+        return sum(self._leases.values())
+
+    def can_reserve(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more fit the memory budget beside the caches checked out (resident
+        entries can always be evicted for them)."""
+        return self._reserved + nbytes <= self._max_bytes
+
+    def checkout(self, key: str | None, tokens: Sequence[int], *, reserve_bytes: int = 0,
+                 lease: int = 0) -> Lookup:
         """Hand the caller the best cache for ``tokens``; the caller owns it until ``checkin``
         (or ``release``).
 
@@ -190,13 +223,15 @@ class CacheStore:
         whatever its length. Always ``cached_tokens < len(tokens)``.
 
         ``reserve_bytes`` is what the handed-out cache may grow to during the turn: other
-        entries are evicted (to disk) until it fits the memory budget beside them.
+        entries are evicted (to disk) until it fits the memory budget beside them. It is held
+        under ``lease`` (``new_lease()``; several caches may be out at once, each under its
+        own) until ``checkin`` or ``release`` of that lease.
         """
         tokens = tuple(tokens)
         self._expire_if_due()
         own = self._take_own(key, tokens) if key is not None else Lookup(None, 0, "none")
         result = own
-        self._reserved = reserve_bytes
+        self._leases[lease] = reserve_bytes
         self._enforce_memory_budget()
         # Another entry may hold more of this sequence (a fork, a longer sibling, the key's
         # checkpoint): copying tokens is far cheaper than prefilling them.
@@ -207,16 +242,26 @@ class CacheStore:
             if shared.source == "checkpoint":
                 shared.reason += f"; resumed from its turn-boundary checkpoint ({shared.cached_tokens} tokens)"
             result = shared
-        if result.cache is not None and self._ops.nbytes(result.cache) > self._reserved:
+        if result.cache is not None and self._ops.nbytes(result.cache) > self._leases[lease]:
             # A cache keeps its allocation when trimmed (a long file, a shorter request).
-            self._reserved = self._ops.nbytes(result.cache)
+            self._leases[lease] = self._ops.nbytes(result.cache)
             self._enforce_memory_budget()
         self._count(result)
         return result
 
-    def reserve(self, nbytes: int) -> None:
+    def lease(self, key: str | None, tokens: Sequence[int], *, reserve_bytes: int = 0) -> "Lease":
+        """``checkout`` under a new lease: the one object a turn holds its cache through."""
+        lease = self.new_lease()
+        return Lease(self, key, self.checkout(key, tokens, reserve_bytes=reserve_bytes, lease=lease), lease)
+
+    def new_lease(self) -> int:
+        """A lease id for ``checkout`` (0 is the default lease, for one cache at a time)."""
+        self._next_lease += 1
+        return self._next_lease
+
+    def reserve(self, nbytes: int, *, lease: int = 0) -> None:
         """The turn in flight holds ``nbytes`` more (a checkpoint copy): make room for them."""
-        self._reserved += nbytes
+        self._leases[lease] = self._leases.get(lease, 0) + nbytes
         self._enforce_memory_budget()
 
     def spill(self) -> int:
@@ -232,9 +277,9 @@ class CacheStore:
                 moved += 1
         return moved
 
-    def release(self) -> None:
+    def release(self, *, lease: int = 0) -> None:
         """The checked-out cache is gone (the turn failed): its reservation ends."""
-        self._reserved = 0
+        self._leases.pop(lease, None)
 
     def checkin(
         self,
@@ -243,6 +288,7 @@ class CacheStore:
         cache,
         *,
         checkpoint: tuple[Sequence[int], Any] | None = None,
+        lease: int = 0,
     ) -> None:
         """Store ``cache`` (holding exactly ``tokens``) as ``key``'s entry, most recently used;
         ends the reservation of ``checkout``.
@@ -250,9 +296,9 @@ class CacheStore:
         ``key`` None stores a one-shot sequence under an anonymous key so its prefix can be
         shared; at most ``max_anonymous`` of those are kept, in memory only. ``checkpoint`` is
         ``(tokens, cache)`` taken at the turn boundary, for a cache that cannot be trimmed; it
-        replaces the key's previous checkpoint.
+        replaces the key's previous checkpoint. Ends the reservation of ``lease``.
         """
-        self._reserved = 0
+        self._leases.pop(lease, None)
         self._expire_if_due()
         if key is None:
             key = self._anonymous_key(tuple(tokens))
