@@ -359,7 +359,10 @@ class Engine:
             self.store.delete(forgotten)
 
     def _complete(self, run: RunningTurn, cache: Any) -> None:
-        self._room_for = run.complete(cache)
+        try:
+            self._room_for = run.complete(cache)
+        except BaseException as exc:  # noqa: BLE001 - e.g. deleted during the turn: its own failure
+            run.fail(exc)
         self._turn_ended(run)
 
     def _fail(self, run: RunningTurn, exc: BaseException) -> None:
@@ -455,6 +458,9 @@ class Engine:
                 self._waiting.append(item)
             else:
                 self._run_task(item)
+        for turn in [t for t in self._waiting if t.cancelled.is_set()]:
+            self._waiting.remove(turn)  # its client left while it waited for room
+            self._fail(self._new_run(turn), TurnCancelledError("cancelled before it started"))
         self._admit()
         batch = self._batch
         for run in batch.runs():

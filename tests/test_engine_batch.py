@@ -1,0 +1,355 @@
+"""The engine's batch mode, in process, on a tiny random-weight llama (the default model's
+tokenizer and chat template): no socket, no daemon, turns submitted through ``turns.Turns``.
+
+A lone turn runs serially and equals mlx-lm; turns queued together become rows of one batch,
+leave it with their caches checked in holding exactly their prompt and reply (the same K/V a
+fresh prefill of those tokens computes), and the next turn of each conversation reuses all of
+it. ``max_batch=1`` never batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import pytest
+
+from mlxkvd.conversations import ConversationRegistry
+from mlxkvd.engine import Engine
+from mlxkvd.errors import ConversationNotFoundError
+from mlxkvd.events import Failed, Finished, Started, Text
+from mlxkvd.kvcache import MlxCacheOps
+from mlxkvd.runtime import ModelRuntime, Sampling
+from mlxkvd.store import CacheStore
+from mlxkvd.turns import Turns
+
+# Two layers, grouped-query attention (4 query heads on 2 KV heads): batched attention with
+# a padding mask has something to get wrong; still milliseconds per step on the CPU.
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128)
+MAX_TOKENS = 12
+ROWS = 4
+SYSTEM = "You are a terse assistant."
+# Prompts of different lengths: the batch left-pads the shorter rows.
+QUESTIONS = ["Hi.", "Name three rivers of Europe, please.", "What is a cache?",
+             "Tell me, in one line, why the sky looks blue on a clear afternoon in summer."]
+EVENT_TIMEOUT_S = 120
+
+
+@pytest.fixture(scope="module")
+def runtime(tmp_path_factory, model_dir) -> ModelRuntime:
+    from bench.models import LlamaShape, build_random_model
+
+    path = build_random_model(tmp_path_factory.mktemp("tiny") / "tiny-llama", LlamaShape(**SHAPE), model_dir)
+    return ModelRuntime(path)
+
+
+class Harness:
+    """An engine over a fresh store and registry, and the turns layer that feeds it."""
+
+    def __init__(self, runtime: ModelRuntime, max_batch: int, max_bytes: int = 1 << 30):
+        self.runtime = runtime
+        self.store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=max_bytes)
+        self.registry = ConversationRegistry()
+        self.engine = Engine(runtime, self.store, self.registry, max_batch=max_batch)
+        self.turns = Turns(self.engine, self.registry)
+        self.engine.start()
+
+    def submit(self, key: str, content: str, *, revision: int = 0, max_tokens: int = MAX_TOKENS):
+        messages = [{"role": "user", "content": content}]
+        if revision == 0:
+            messages.insert(0, {"role": "system", "content": SYSTEM})
+        return self.turns.submit(key, messages, [], reset=revision == 0, base_revision=revision,
+                                 sampling=Sampling(), max_tokens=max_tokens)
+
+    def submit_together(self, requests: list[tuple[str, str, int]]) -> list:
+        """Queue every turn while the engine thread is held by a task, then let it go: the
+        first turn starts with the others already waiting (a batch from its first chunk)."""
+        gate, holding = threading.Event(), threading.Event()
+        self.engine.post(lambda: (holding.set(), gate.wait(30)))
+        assert holding.wait(30)
+        try:
+            return [self.submit(key, content, revision=revision) for key, content, revision in requests]
+        finally:
+            gate.set()
+
+    def stop(self) -> None:
+        self.engine.stop(grace_s=30)
+
+
+@pytest.fixture
+def harness(runtime):
+    made: list[Harness] = []
+
+    def make(max_batch: int, **kwargs) -> Harness:
+        made.append(Harness(runtime, max_batch, **kwargs))
+        return made[-1]
+
+    yield make
+    for h in made:
+        h.stop()
+
+
+def outcome(turn, timeout: float = EVENT_TIMEOUT_S) -> tuple[Started, list[int], Finished]:
+    """The turn's events to the end: (Started, the streamed token ids, Finished)."""
+    started, ids = None, []
+    while True:
+        event = turn.events.get(timeout=timeout)
+        if isinstance(event, Failed):
+            raise event.error
+        if isinstance(event, Started):
+            started = event
+        elif isinstance(event, Text):
+            ids.extend(event.token_ids)
+        elif isinstance(event, Finished):
+            assert started is not None
+            return started, ids, event
+
+
+def mlx_lm_greedy(runtime: ModelRuntime, prompt: list[int], max_tokens: int) -> list[int]:
+    """mlx-lm's greedy ids from the full prompt, no cache, end-of-turn token excluded."""
+    from mlx_lm import stream_generate
+
+    ids = []
+    for r in stream_generate(runtime.model, runtime.tokenizer, prompt, max_tokens=max_tokens):
+        if r.finish_reason == "stop" and r.token in runtime.eos_token_ids:
+            break
+        ids.append(r.token)
+    return ids
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def cache_matches_fresh_prefill(h: Harness, key: str, tokens: tuple[int, ...]) -> bool:
+    """Whether ``key``'s stored cache holds the K/V that prefilling ``tokens`` from nothing
+    computes (run on the engine thread: it owns the model)."""
+    import mlx.core as mx
+
+    def compare() -> bool:
+        tier, entry = h.store._entries.get(key)
+        assert tier == "memory"
+        fresh = h.runtime.make_cache()
+        h.runtime.prefill(list(tokens), fresh)
+        for stored, ref in zip(entry.cache, fresh):
+            assert stored.offset == ref.offset == len(tokens)
+            for a, b in ((stored.keys, ref.keys), (stored.values, ref.values)):
+                if not mx.allclose(a[..., : len(tokens), :], b[..., : len(tokens), :], atol=1e-4).item():
+                    return False
+        return True
+
+    return h.engine.call(compare, timeout=60)
+
+
+def test_a_lone_turn_runs_serially_and_equals_mlx_lm(harness, runtime, caplog):
+    h = harness(max_batch=4)
+    with caplog.at_level(logging.INFO, logger="mlxkvd.engine"):
+        turn = h.submit("lone", QUESTIONS[1])
+        started, ids, done = outcome(turn)
+    assert "batching:" not in caplog.text
+    assert started.cached_tokens == 0 and done.prompt_tokens == len(turn.prompt.ids)
+    assert ids == mlx_lm_greedy(runtime, list(turn.prompt.ids), MAX_TOKENS)
+    # The prompt the engine ran is the chat template's, tokenized whole.
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[1]}]
+    assert list(turn.prompt.ids) == list(runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_simultaneous_turns_are_batched_and_check_their_caches_in(harness, runtime, caplog):
+    h = harness(max_batch=ROWS)
+    keys = [f"row{i}" for i in range(ROWS)]
+    with caplog.at_level(logging.INFO, logger="mlxkvd.engine"):
+        turns = h.submit_together([(k, q, 0) for k, q in zip(keys, QUESTIONS)])
+        results = [outcome(t) for t in turns]
+    assert "batching:" in caplog.text
+
+    held = {}
+    agree = 0
+    for key, turn, (started, ids, done) in zip(keys, turns, results):
+        prompt = list(turn.prompt.ids)
+        assert started.cached_tokens == 0 and done.completion_tokens >= len(ids) > 0
+        # Checked in, holding exactly the prompt and every generated token (an end-of-turn
+        # token included: the cache was fed it).
+        tier, tokens, nbytes = h.store.entry_info(key)
+        assert tier == "memory" and nbytes > 0
+        assert len(tokens) == len(prompt) + done.completion_tokens
+        assert list(tokens[: len(prompt) + len(ids)]) == prompt + ids
+        assert cache_matches_fresh_prefill(h, key, tokens), key
+        held[key] = (tokens, done.revision)
+        agree += ids == mlx_lm_greedy(runtime, prompt, MAX_TOKENS)
+    # Batched rows are not bit-identical to a lone run (other matmul shapes, padded attention);
+    # on this random model every row still agrees (a greedy flip needs a near-tie).
+    assert agree == ROWS, f"{agree}/{ROWS} rows equal mlx-lm's lone greedy run"
+    assert h.store.stats()["memory"]["in_flight_bytes"] == 0  # every lease ended
+    assert h.engine.active_requests == 0
+
+    # The next turn of each conversation, again all at once: each reuses its cache, every
+    # token of it that the new prompt still starts with. (A random model's reply is arbitrary
+    # tokens, which the chat template's re-rendered text need not tokenize back into: the
+    # real model's replies do, see test_batching.py, where the whole cache is reused.)
+    nexts = h.submit_together([(k, "And then?", held[k][1]) for k in keys])
+    for key, turn, previous in zip(keys, nexts, turns):
+        started, ids, done = outcome(turn)
+        tokens = held[key][0]
+        prompt = list(turn.prompt.ids)
+        assert started.cache_source == "conversation"
+        assert started.cached_tokens == common_prefix(tokens, prompt), (key, started.cache_miss_reason)
+        assert started.cached_tokens >= len(previous.prompt.ids) - 1  # the whole previous prompt
+        assert ids == mlx_lm_greedy(runtime, prompt, MAX_TOKENS)
+
+
+def test_max_batch_one_runs_turns_one_at_a_time(harness, runtime, caplog):
+    h = harness(max_batch=1)
+    with caplog.at_level(logging.INFO, logger="mlxkvd.engine"):
+        turns = h.submit_together([(f"s{i}", q, 0) for i, q in enumerate(QUESTIONS)])
+        results = [outcome(t) for t in turns]
+    assert "batching" not in caplog.text
+    for turn, (started, ids, done) in zip(turns, results):
+        assert ids == mlx_lm_greedy(runtime, list(turn.prompt.ids), MAX_TOKENS)
+    # One at a time: each turn waited for those before it (queue time grows with the order).
+    queue_s = [r[2].queue_s for r in results]
+    assert queue_s == sorted(queue_s) and queue_s[-1] > queue_s[0], queue_s
+
+
+def test_a_cancelled_row_leaves_within_a_step_and_the_others_go_on(harness, runtime):
+    h = harness(max_batch=ROWS)
+    turns = h.submit_together([(f"c{i}", q, 0) for i, q in enumerate(QUESTIONS)])
+    victim = turns[1]
+    # Cancel after its second token, from the reading side, as the service does.
+    seen = 0
+    while seen < 2:
+        event = victim.events.get(timeout=EVENT_TIMEOUT_S)
+        seen += isinstance(event, Text)
+    h.turns.cancel(victim)
+    while not isinstance(event := victim.events.get(timeout=EVENT_TIMEOUT_S), Failed):
+        pass
+    assert victim.generated - victim.generated_at_cancel <= 1
+    for i, turn in enumerate(turns):
+        if turn is victim:
+            continue
+        _, ids, _ = outcome(turn)
+        assert ids == mlx_lm_greedy(runtime, list(turn.prompt.ids), MAX_TOKENS), i
+    # The cancelled row's cache was kept (nothing committed), holding what it had computed.
+    tier, tokens, _ = h.store.entry_info("c1")
+    assert list(tokens[: len(victim.prompt.ids)]) == list(victim.prompt.ids)
+    assert h.registry.peek("c1") is None or h.registry.peek("c1")[2] == 0
+
+
+def test_a_waiting_turn_is_admitted_only_when_the_budget_has_room(harness, runtime):
+    """With room for one turn's reservation beside nothing else, queued turns run one after
+    another even in batch mode, and their wait shows as queue time."""
+    reserve = runtime.kv_nbytes(len(runtime.tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[3]}],
+        add_generation_prompt=True)) + MAX_TOKENS)
+    h = harness(max_batch=ROWS, max_bytes=reserve + reserve // 2)
+    turns = h.submit_together([(f"b{i}", q, 0) for i, q in enumerate(QUESTIONS)])
+    results = [outcome(t) for t in turns]
+    assert all(r[2].completion_tokens > 0 for r in results)
+    assert max(r[2].queue_s for r in results[1:]) > 0
+    stats = h.store.stats()["memory"]
+    assert stats["in_flight_bytes"] == 0 and stats["bytes"] <= stats["budget_bytes"]
+
+
+def test_deleting_a_conversation_mid_batch_fails_only_its_turn(harness):
+    h = harness(max_batch=ROWS)
+    turns = h.submit_together([("del0", QUESTIONS[1], 0), ("del1", QUESTIONS[2], 0)])
+    event = None
+    while not isinstance(event, Text):
+        event = turns[0].events.get(timeout=EVENT_TIMEOUT_S)
+    h.registry.delete("del0")  # what the DeleteConversation RPC does first
+    with pytest.raises(ConversationNotFoundError):
+        outcome(turns[0], timeout=10)
+    assert h.engine.alive, "the engine thread died"
+    outcome(turns[1], timeout=10)
+
+
+def test_a_cancelled_waiting_turn_leaves_without_waiting_for_room(harness, runtime):
+    reserve = runtime.kv_nbytes(200)  # each turn below: ~25 prompt tokens + 200, one 256-token step
+    h = harness(max_batch=ROWS, max_bytes=reserve + reserve // 2)  # one turn in flight at a time
+    order: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def read(name: str, turn) -> None:
+        while True:
+            event = turn.events.get(timeout=EVENT_TIMEOUT_S)
+            if isinstance(event, (Finished, Failed)):
+                with lock:
+                    order.append((name, type(event).__name__))
+                return
+
+    gate, holding = threading.Event(), threading.Event()
+    h.engine.post(lambda: (holding.set(), gate.wait(30)))
+    assert holding.wait(30)
+    first = h.submit("w0", "Hi.", max_tokens=200)
+    second = h.submit("w1", "Hello.", max_tokens=200)
+    third = h.submit("w2", "Hey.", max_tokens=200)
+    h.turns.cancel(third)  # its client left while it waited
+    gate.set()
+    readers = [threading.Thread(target=read, args=(n, t)) for n, t in (("first", first), ("second", second),
+                                                                      ("third", third))]
+    for r in readers:
+        r.start()
+    for r in readers:
+        r.join(EVENT_TIMEOUT_S)
+    assert ("third", "Failed") in order
+    assert order.index(("third", "Failed")) == 0, order
+
+
+@pytest.mark.xfail(strict=True, reason="the step that hands a decoding serial turn over to a batch "
+                   "yields no token of it: its row is still in mlx-lm's prompt batch, and waits a "
+                   "second step (two of a newcomer's prefill chunks) for its next token")
+def test_a_handed_over_turn_gets_a_token_from_every_batch_step(harness, runtime, monkeypatch):
+    import mlxkvd.batch
+
+    h = harness(max_batch=ROWS)
+    steps: list[set[str]] = []  # per batch step: the conversations that got a token
+    step = mlxkvd.batch.Batch.step
+
+    def counted(self):
+        out = step(self)
+        steps.append({s.run.key for s in out})
+        return out
+
+    monkeypatch.setattr(mlxkvd.batch.Batch, "step", counted)
+    streaming = h.submit("a", "Count from 1 to 100.", max_tokens=60)
+    texts = 0
+    while texts < 2:
+        texts += isinstance(streaming.events.get(timeout=EVENT_TIMEOUT_S), Text)
+    facts = " ".join(f"Fact {i}: box {i} holds {i * 7 % 13} marbles." for i in range(150))
+    newcomer = h.submit("b", facts, max_tokens=2)
+    assert len(newcomer.prompt.ids) > 3 * runtime.prefill_step  # several chunks
+    outcome(newcomer)
+    while not isinstance(streaming.events.get(timeout=EVENT_TIMEOUT_S), Finished):
+        pass
+    # Every step while "a" was a row and "b" prefilled gave "a" a token.
+    prefill_steps = steps[: next(i for i, s in enumerate(steps) if "b" in s)]
+    assert len(prefill_steps) >= 3
+    assert all("a" in s for s in prefill_steps), [sorted(s) for s in steps[:8]]
+
+
+@pytest.mark.xfail(strict=True, reason="a seeded sampled turn is reproducible only alone: a batch row "
+                   "ignores Sampling.seed and shares MLX's random state with the other rows "
+                   "(mlx_lm.server runs seeded requests unbatched)")
+def test_a_seeded_sampled_turn_gives_the_same_reply_batched_as_alone(harness):
+    h = harness(max_batch=ROWS)
+    seeded = Sampling(temperature=1.0, seed=7)
+
+    def submit(key: str, content: str, sampling: Sampling):
+        return h.turns.submit(key, [{"role": "user", "content": content}], [], reset=True, base_revision=0,
+                              sampling=sampling, max_tokens=MAX_TOKENS)
+
+    alone = outcome(submit("seed-alone", QUESTIONS[2], seeded))[1]
+    assert outcome(submit("seed-alone-again", QUESTIONS[2], seeded))[1] == alone
+    gate, holding = threading.Event(), threading.Event()
+    h.engine.post(lambda: (holding.set(), gate.wait(30)))
+    assert holding.wait(30)
+    batched = submit("seed-batched", QUESTIONS[2], seeded)
+    other = submit("seed-other", QUESTIONS[0], Sampling(temperature=1.0, seed=3))
+    gate.set()
+    outcome(other)
+    assert outcome(batched)[1] == alone
