@@ -3,18 +3,21 @@
 One run, the same weights everywhere (the default model dequantized to float32, OpenBLAS
 preloaded), every server started by this process on 127.0.0.1 with ``mlxkvd serve --http``.
 
-overhead   What the OpenAI API costs over the socket. One daemon serves both; the same cached
-           turn goes through the official ``openai`` SDK (streamed, one kept-alive client,
-           ``prompt_cache_key``) and through the ``mlxkv`` client (gRPC on the Unix socket),
-           interleaved turn by turn, the order swapped every turn. Conversations come in blocks:
-           a system prompt with tools (its cache shared by every block), one unmeasured turn,
-           then ``--block-turns`` measured turns that each add a one-sentence user message and
-           generate one token, greedy, so that the first token is the turn's work (the new
-           message's ~20 tokens onto the cached history) plus everything around it. TTFT is
-           client side: from the call to the first streamed chunk (OpenAI) or first delta
-           carrying a token (gRPC). On the default model and on the one-layer random-weight
-           model of ``bench.models`` (same tokenizer and template), whose first token takes a
-           few ms, so that a ms of gateway shows. Target: HTTP - gRPC <= 2 ms at the median.
+overhead   What the OpenAI API costs over the socket. One daemon; the same cached turn goes
+           through three clients, interleaved turn by turn in rotating order: the ``mlxkv``
+           client (gRPC on the Unix socket), the official ``openai`` SDK (streamed, one
+           kept-alive client, ``prompt_cache_key``) and plain HTTP (the same JSON body on one
+           kept-alive ``http.client`` connection: the gateway without the SDK). Each client has
+           its own conversations, in blocks: a system prompt with tools (its cache shared by
+           every block), one unmeasured turn, then ``--block-turns`` measured turns that each
+           add a one-sentence user message and generate one token, greedy, so that the first
+           token is the turn's work (~30 new tokens onto the cached history) plus everything
+           around it. TTFT is client side: from the call to the first delta carrying a token
+           (gRPC) or the first streamed chunk (HTTP); the SDK's is also taken from the moment it
+           hands the request to its HTTP client. On the default model and on the one-layer
+           random-weight model of ``bench.models`` (same tokenizer and template), whose first
+           token takes a few ms, so that a ms of gateway shows. Target: HTTP - gRPC <= 2 ms at
+           the median.
 
 ide_chat   mlxkvd's OpenAI API against mlx_lm.server's, the same client code (the ``openai``
            SDK, streamed, full history every turn, no session key: IDE clients send none). A
@@ -23,8 +26,8 @@ ide_chat   mlxkvd's OpenAI API against mlx_lm.server's, the same client code (th
            greedy; turn 1 is cold. Per turn the servers go one after the other (order swapped
            every turn), and after mlxkvd's turn the benchmark waits for its write-behind to disk
            (it runs when the daemon is idle, which here would be during mlx_lm.server's turn).
-           TTFT: from the call to the first chunk with text. Target: mlxkvd no slower on any
-           cached turn.
+           TTFT: from the call to the first chunk with text; beside it, each server process's
+           CPU time over the same span. Target: mlxkvd no slower on any cached turn.
 
 restart    Then both servers are stopped (SIGTERM) and started again, and the next turn is
            sent with no warm-up: mlxkvd finds the history's cache in its disk tier (a new
@@ -418,7 +421,8 @@ def markdown(report: dict[str, Any]) -> str:
     ms = lambda s: None if s is None else s * 1000  # noqa: E731
     lines = [
         f"# mlxkv HTTP gateway{' (quick)' if report['quick'] else ''}", "",
-        f"{m['cpus']} CPUs, {m['platform']}; load average at start {m['loadavg_at_start']}; mlx {m.get('mlx')}, "
+        f"{m['cpus']} CPUs, {m['platform']}; load average at start "
+        f"{', '.join(f'{x:.2f}' for x in m['loadavg_at_start'] or ())}; mlx {m.get('mlx')}, "
         f"mlx-lm {m.get('mlx_lm')}, openai {m.get('openai')}; OpenBLAS preloaded: {m['blas_preloaded']}; daemon code: "
         f"{m['git']}. Wall time {report['wall_s']:.0f} s.", "",
     ]
