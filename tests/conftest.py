@@ -198,3 +198,44 @@ def tools_reference(model_dir) -> Reference:
     from mlxkvd.runtime import read_chat_template
 
     return Reference(model_dir, chat_template=read_chat_template("chatml-tools"))
+
+
+# --- a fake daemon for client tests (each module defines its own ``daemon`` servicer) ---------
+
+
+def serve_fake(path: Path, servicer) -> "grpc.Server":
+    """A gRPC server on a Unix socket with ``servicer`` (an ``InferenceServicer``), started."""
+    import grpc
+    from concurrent import futures
+
+    from mlxkv.v1 import inference_pb2_grpc as pb_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_InferenceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"unix://{path}")
+    server.start()
+    return server
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> Path:
+    return tmp_path / "s.sock"
+
+
+@pytest.fixture
+def client(sock: Path, daemon):
+    """A client of the module's ``daemon`` fixture."""
+    from mlxkv import Client
+
+    with Client(sock, timeout=10, retry_unavailable_s=5.0) as c:
+        yield c
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Redirect the CLI's transcript store (platformdirs) into tmp_path."""
+    from mlxkv import cli
+
+    target = tmp_path / "data"
+    monkeypatch.setattr(cli.platformdirs, "user_data_dir", lambda *a, **k: str(target))
+    return target / "conversations"

@@ -15,7 +15,6 @@ import socket
 import sys
 import threading
 import time
-from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -26,6 +25,7 @@ from mlxkv import cli
 from mlxkv.convert import message_from_proto, message_to_proto, tool_from_proto, tool_to_proto
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
+from conftest import serve_fake
 
 
 # --- a tiny daemon stand-in -----------------------------------------------------------------
@@ -104,39 +104,12 @@ class FakeInference(pb_grpc.InferenceServicer):
         return pb.DeleteConversationResponse()
 
 
-def _serve(path: Path, servicer: FakeInference) -> grpc.Server:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"unix://{path}")
-    server.start()
-    return server
-
-
-@pytest.fixture
-def sock(tmp_path: Path) -> Path:
-    return tmp_path / "s.sock"
-
-
 @pytest.fixture
 def daemon(sock: Path):
     servicer = FakeInference()
-    server = _serve(sock, servicer)
+    server = serve_fake(sock, servicer)
     yield servicer
     server.stop(None)
-
-
-@pytest.fixture
-def client(sock: Path, daemon: FakeInference):
-    with Client(sock, timeout=10, retry_unavailable_s=5.0) as c:
-        yield c
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Redirect the CLI's transcript store (platformdirs) into tmp_path."""
-    target = tmp_path / "data"
-    monkeypatch.setattr(cli.platformdirs, "user_data_dir", lambda *a, **k: str(target))
-    return target / "conversations"
 
 
 def _contents(request: pb.GenerateRequest) -> list[tuple[str, str]]:
@@ -269,7 +242,7 @@ def test_unavailable_mid_answer_restarts_the_turn_in_full(client, daemon):
 def test_real_restart_of_the_server_is_transparent(tmp_path):
     path = tmp_path / "r.sock"
     first = FakeInference()
-    server = _serve(path, first)
+    server = serve_fake(path, first)
     with Client(path, timeout=10, retry_unavailable_s=10.0) as client:
         conv = client.conversation("c")
         conv.send("one")
@@ -279,7 +252,7 @@ def test_real_restart_of_the_server_is_transparent(tmp_path):
         def restart_later() -> None:
             time.sleep(0.5)
             nonlocal server
-            server = _serve(path, second)
+            server = serve_fake(path, second)
 
         thread = threading.Thread(target=restart_later)
         thread.start()
@@ -312,7 +285,7 @@ def _first_turn_through_a_restart(path: Path, *, retry_s: float, stalled_s: floa
     ``stalled_s``, dies, and a new one (knowing nothing) comes up half a second later.
     Returns the turn (or the error), the conversation and the new daemon."""
     stalling = StallingInference()
-    server = _serve(path, stalling)
+    server = serve_fake(path, stalling)
     second = FakeInference()
     result: dict[str, object] = {}
     with Client(path, timeout=30, retry_unavailable_s=retry_s) as client:
@@ -331,7 +304,7 @@ def _first_turn_through_a_restart(path: Path, *, retry_s: float, stalled_s: floa
             time.sleep(stalled_s)
             server.stop(None)
             time.sleep(0.5)
-            server = _serve(path, second)
+            server = serve_fake(path, second)
             worker.join(30)
         finally:
             stalling.release.set()

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 import threading
-from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
 
-from mlxkv import Client, Conversation, ToolCall
+from mlxkv import Conversation, ToolCall
 from mlxkv import cli
 from mlxkv.convert import (
     CACHE_SOURCE_NAMES,
@@ -29,6 +28,7 @@ from mlxkv.convert import (
 )
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
+from conftest import serve_fake
 
 WEATHER = {"name": "weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -87,33 +87,11 @@ class ToolInference(pb_grpc.InferenceServicer):
 
 
 @pytest.fixture
-def sock(tmp_path: Path) -> Path:
-    return tmp_path / "s.sock"
-
-
-@pytest.fixture
 def daemon(sock: Path):
     servicer = ToolInference()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    pb_grpc.add_InferenceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"unix://{sock}")
-    server.start()
+    server = serve_fake(sock, servicer)
     yield servicer
     server.stop(None)
-
-
-@pytest.fixture
-def client(sock: Path, daemon: ToolInference):
-    with Client(sock, timeout=10, retry_unavailable_s=5.0) as c:
-        yield c
-
-
-@pytest.fixture
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Redirect the CLI's transcript store (platformdirs) into tmp_path."""
-    target = tmp_path / "data"
-    monkeypatch.setattr(cli.platformdirs, "user_data_dir", lambda *a, **k: str(target))
-    return target / "conversations"
 
 
 @pytest.fixture
