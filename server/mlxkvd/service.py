@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 import grpc
 
-from mlxkv.convert import CACHE_SOURCE_VALUES, FINISH_REASON_VALUES
+from mlxkv.convert import CACHE_SOURCE_VALUES, FINISH_REASON_VALUES, message_from_proto, message_to_proto
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
@@ -43,45 +43,22 @@ def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None
 
 
 def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
-    """The request's messages as dicts (``turns.check_messages`` checks them)."""
-    out = []
-    for i, m in enumerate(request.messages):
-        message: dict[str, Any] = {"role": m.role, "content": m.content}
-        if m.name:
-            message["name"] = m.name
-        if m.tool_call_id:
-            message["tool_call_id"] = m.tool_call_id
-        if m.tool_calls:
-            message["tool_calls"] = [_tool_call(c, f"messages[{i}].tool_calls[{j}]")
-                                     for j, c in enumerate(m.tool_calls)]
-        out.append(message)
+    """The request's messages as dicts in the shape chat templates take: tool-call arguments
+    as objects (``turns.check_messages`` checks the rest)."""
+    out = [message_from_proto(m) for m in request.messages]
+    for i, message in enumerate(out):
+        for j, call in enumerate(message.get("tool_calls", ())):
+            function = call["function"]
+            try:
+                function["arguments"] = json.loads(function["arguments"] or "{}")
+            except (ValueError, RecursionError) as exc:
+                raise InvalidRequestError(
+                    f"messages[{i}].tool_calls[{j}].arguments_json is not JSON: {exc}") from None
     return out
-
-
-def _tool_call(call: pb.ToolCall, where: str) -> dict[str, Any]:
-    try:
-        arguments = json.loads(call.arguments_json or "{}")
-    except (ValueError, RecursionError) as exc:
-        raise InvalidRequestError(f"{where}.arguments_json is not JSON: {exc}") from None
-    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": arguments}}
 
 
 def _tool_call_pb(call: ToolCall) -> pb.ToolCall:
     return pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
-
-
-def _message_pb(m: dict[str, Any]) -> pb.Message:
-    return pb.Message(
-        role=m["role"],
-        content=m["content"],
-        name=m.get("name", ""),
-        tool_call_id=m.get("tool_call_id", ""),
-        tool_calls=[
-            pb.ToolCall(id=c.get("id", ""), name=c["function"]["name"],
-                        arguments_json=json.dumps(c["function"]["arguments"], ensure_ascii=False))
-            for c in m.get("tool_calls", ())
-        ],
-    )
 
 
 def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
@@ -120,7 +97,7 @@ def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ..
     return pb.Conversation(
         conversation_id=record.conversation_id,
         revision=record.revision,
-        messages=[_message_pb(m) for m in record.messages],
+        messages=[message_to_proto(m) for m in record.messages],
         tools=[
             pb.Tool(
                 name=t["name"],
