@@ -19,6 +19,7 @@ from mlxkvd.engine import Engine
 from mlxkvd.errors import ConversationNotFoundError
 from mlxkvd.events import Failed, Finished, Started, Text
 from mlxkvd.kvcache import MlxCacheOps
+from mlxkvd.prefix_index import common_prefix_length
 from mlxkvd.runtime import ModelRuntime, Sampling
 from mlxkvd.store import CacheStore
 from mlxkvd.turns import Turns
@@ -118,15 +119,6 @@ def mlx_lm_greedy(runtime: ModelRuntime, prompt: list[int], max_tokens: int) -> 
     return ids
 
 
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def cache_matches_fresh_prefill(h: Harness, key: str, tokens: tuple[int, ...]) -> bool:
     """Whether ``key``'s stored cache holds the K/V that prefilling ``tokens`` from nothing
     computes (run on the engine thread: it owns the model)."""
@@ -198,7 +190,7 @@ def test_simultaneous_turns_are_batched_and_check_their_caches_in(harness, runti
         tokens = held[key][0]
         prompt = list(turn.prompt.ids)
         assert started.cache_source == "conversation"
-        assert started.cached_tokens == common_prefix(tokens, prompt), (key, started.cache_miss_reason)
+        assert started.cached_tokens == common_prefix_length(tokens, prompt), (key, started.cache_miss_reason)
         assert started.cached_tokens >= len(previous.prompt.ids) - 1  # the whole previous prompt
         assert ids == mlx_lm_greedy(runtime, prompt, MAX_TOKENS)
 
