@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.progress(args.conversations * args.turns, "reply_reuse") as bar:
             for c in range(args.conversations):
                 chat = client.conversation(f"rr-{c}", system="You are a helpful coding assistant.")
-                held = None
+                held = previous_finish = None
                 for t in range(args.turns):
                     if (c + t) % 2:
                         message = text.user_message(text.rng.randint(40, 90))
