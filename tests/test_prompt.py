@@ -156,29 +156,91 @@ def test_a_template_without_special_tokens_falls_back_and_says_why(tokenizers, c
 
 
 def test_a_growing_conversation_tokenizes_only_what_each_turn_adds(renderers, tokenizers):
-    """Per-turn work must not grow with the history: over 50 turns, each render tokenizes
-    one call's worth of text no longer than what the turn added (plus the template's
-    markup around it), while the conversation grows to many thousands of tokens."""
+    """Per-turn work must not grow with the history: over 50 turns, each render gives the
+    chat template only the first message and the new ones, and tokenizes one call's worth of
+    text no longer than what the turn added (plus the template's markup around it), while
+    the conversation grows to many thousands of tokens."""
     renderer = renderers["model"]
+    assert renderer.appends
     messages = [{"role": "system", "content": "You are terse. " * 20}]
     previous = None
     sizes = []
     for turn in range(50):
         messages.append({"role": "user", "content": f"Question {turn}: " + "why is the sky blue? " * 5})
         before = _snapshot(renderer)
-        prompt = renderer.render(messages, previous=previous)
+        prompt = renderer.render(messages, previous=previous, continues=previous is not None)
         done = _diff(renderer, before)
         added = len(messages[-1]["content"]) + (len(messages[-2]["content"]) if turn else len(prompt.text))
-        assert done["renders"] == 1
+        if turn:
+            # The first message alone (with and without the generation prompt), then with
+            # the two new ones.
+            assert done["renders"] == 3, (turn, done)
+            assert done["rendered_messages"] == 1 + 1 + 3, (turn, done)
+            assert done["full_tokenizations"] == 0
         assert done["tokenize_calls"] == 1
         assert done["tokenized_chars"] <= added + 128, (turn, done)  # + the markup
-        if turn:
-            assert done["full_tokenizations"] == 0
+        assert prompt.text == renderer.render_text(messages)
         sizes.append(len(prompt))
         messages.append({"role": "assistant", "content": f" Answer {turn}: light scatters."})
         previous = prompt
     assert prompt.ids == full_ids(tokenizers["model"], messages[:-1])
     assert sizes[-1] > 5 * sizes[0]
+
+
+def test_templates_that_look_at_other_messages_render_whole_and_say_why(tokenizers, caplog):
+    """Appending is for templates whose rendering of a message depends on nothing but that
+    message and the first: Qwen3-style reasoning dropping, neighbour lookups (tool results
+    sharing a turn), loop.last, dates, or text after the generation prompt are rendered whole."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlxkvd.runtime import read_chat_template
+
+    cases = {
+        "loops over the messages more than once": DROP_REASONING,
+        "depends on its place in the conversation": read_chat_template("chatml-tools"),
+        "calls strftime_now()": "{{ strftime_now('%Y') }}" + TIGHT,
+        "more than the generation prompt after the messages": TIGHT + "<file_sep>",
+    }
+    for why, template in cases.items():
+        tok = load_tokenizer(tokenizers["model"]._tokenizer.name_or_path)
+        tok._tokenizer.chat_template = template
+        with caplog.at_level(logging.INFO, logger="mlxkvd.prompt"):
+            caplog.clear()
+            renderer = PromptRenderer(tok)
+        assert not renderer.appends, why
+        assert why in caplog.text
+        messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "a"}]
+        first = renderer.render(messages)
+        grown = messages + [{"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"}]
+        before = _snapshot(renderer)
+        prompt = renderer.render(grown, previous=first, continues=True)
+        assert _diff(renderer, before)["rendered_messages"] == len(grown)
+        assert prompt.text == renderer.render_text(grown)
+
+
+@pytest.mark.parametrize("template", ["model", "tight"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(system=_text, first=_text, steps=st.lists(_step, min_size=1, max_size=8), tools=_tools)
+def test_appended_text_equals_a_whole_rendering(renderers, template, system, first, steps, tools):
+    """The text rendered from the new messages alone, for a template that renders each message
+    on its own, equals the whole conversation rendered, with and without a generation prompt,
+    whatever the messages and tools hold (control-token text included)."""
+    renderer = renderers[template]
+    assert renderer.appends
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": first}]
+    previous = None
+    for step in [None, *steps]:
+        if step is not None:
+            messages = _apply(messages, step)
+        continues = step is not None and step[0] == "turn"
+        prompt = renderer.render(messages, tools, previous=previous, continues=continues)
+        marked = prompt.guarded
+        if not marked:
+            assert prompt.text == renderer.render_text(messages, tools)
+            assert prompt.body_end is not None
+            head = renderer.render(messages, tools, previous=prompt, continues=True, generation_prompt=False)
+            assert head.text == renderer.render_text(messages, tools, generation_prompt=False)
+        previous = prompt
 
 
 def _snapshot(renderer) -> dict:

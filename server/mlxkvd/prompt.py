@@ -1,8 +1,12 @@
-"""Conversations into prompt token ids, tokenizing only what changed since the last turn.
+"""Conversations into prompt token ids, rendering and tokenizing only what changed since the
+last turn.
 
-The chat template renders the whole conversation every turn (one Jinja render, about a
-millisecond), but tokenizing all of it costs a few microseconds per token: the part of a
-turn that grows with the history. Hugging Face tokenizers split their input on added
+Rendering: a template that renders each message on its own (``chat_template.py`` reads that
+from its syntax tree; the default model's does) renders only the messages a turn adds, with
+the first one for context, and the previous turn's text is kept up to its generation prompt.
+Other templates render the whole conversation every turn: a few microseconds per message.
+
+Tokenizing all of the text would cost a few microseconds per token. Hugging Face tokenizers split their input on added
 (special) tokens before anything else, so the text before the start of a special token
 tokenizes the same whatever follows it. A ``Prompt`` keeps a turn's rendered text, its ids,
 and where each special token sits in both (``marks``); the next turn's render is compared
@@ -38,6 +42,7 @@ try:
 except ImportError:  # transformers older than pyproject.toml asks for: no sanitizing support
     encode_marked_chat = mark_control_tokens = None
 
+from .chat_template import why_not_message_local
 from .errors import InvalidRequestError
 from .prefix_index import common_prefix
 
@@ -59,6 +64,11 @@ class Prompt:
     # Some message holds control-token text: ``text`` is the marked rendering, and that text
     # is tokenized as plain text.
     guarded: bool = False
+    # Where the messages' rendering ends in ``text`` (the generation prompt, and any text
+    # appended to the prompt, follow), and the tools it was rendered with: what the next turn
+    # keeps when the template renders each message on its own. None: not known.
+    body_end: int | None = None
+    tools: Sequence[dict[str, Any]] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,6 +104,7 @@ class RenderStats:
     """Work done by the renderer since it was made (counts, for tests and status)."""
 
     renders: int = 0
+    rendered_messages: int = 0  # messages given to the chat template, summed over renders
     tokenize_calls: int = 0
     tokenized_chars: int = 0
     full_tokenizations: int = 0
@@ -117,6 +128,8 @@ class PromptRenderer:
         self.incremental = False
         self._fallback_logged = False
         self._direct = self._direct_template(hf)
+        # Whether a conversation that grew renders only its new messages (see chat_template.py).
+        self.appends = False
         # No token covers more characters than its vocabulary string has: the lower bound of
         # a text's token count that lets a hopeless request be refused without tokenizing it.
         self.max_token_chars = max((len(t) for t in tokenizer.get_vocab()), default=1) or 1
@@ -133,6 +146,7 @@ class PromptRenderer:
             self.incremental = self._probe()
         # Whether the template shows the model the tools a request sends (many do not).
         self.renders_tools = self._renders_tools()
+        self._init_appending(hf)
 
     def _direct_template(self, hf: Any) -> tuple[Any, dict] | None:
         """The compiled chat template and the variables ``apply_chat_template`` gives it, to
@@ -183,7 +197,7 @@ class PromptRenderer:
         generation_prompt: bool = True,
     ) -> str:
         """The conversation rendered by the chat template, as text."""
-        self._count(renders=1)
+        self._count(renders=1, rendered_messages=len(messages))
         try:
             if self._direct is not None:
                 template, variables = self._direct
@@ -217,14 +231,68 @@ class PromptRenderer:
         """The conversation as a ``Prompt``, reusing the ids of ``previous`` (the same
         conversation's last prompt) for the text the two have in common. ``continues``: the
         first ``previous.message_count`` messages are the ones ``previous`` rendered, so only
-        the others are searched for special-token text."""
+        the others are searched for special-token text, and, with a template that renders each
+        message on its own, only the others are rendered."""
+        tools = tools or None
         guarded = self._holds_control_text(messages, tools, previous if continues else None)
-        if guarded:
-            messages = mark_control_tokens(list(messages), self._control_re)
-            tools = mark_control_tokens(list(tools or ()), self._control_re)
-        text = self.render_text(messages, tools, generation_prompt=generation_prompt)
+        appended = None
+        if continues and not guarded:
+            appended = self._render_appended(messages, tools, previous, generation_prompt)
+        if appended is not None:
+            text, body_end = appended
+        else:
+            if guarded:
+                messages = mark_control_tokens(list(messages), self._control_re)
+                tools = mark_control_tokens(list(tools or ()), self._control_re) or None
+            text = self.render_text(messages, tools, generation_prompt=generation_prompt)
+            body_end = None if guarded else self._body_end(text, messages, tools, generation_prompt)
         prompt = self.tokenize(text, previous, guarded=guarded)
-        return Prompt(prompt.text, prompt.ids, prompt.marks, len(messages), guarded)
+        return Prompt(prompt.text, prompt.ids, prompt.marks, len(messages), guarded, body_end, tools)
+
+    def _render_appended(
+        self, messages: Sequence[dict[str, Any]], tools, previous: Prompt | None, generation_prompt: bool,
+    ) -> tuple[str, int] | None:
+        """``previous``'s text up to its generation prompt plus the rendering of the messages
+        added since, rendered after the first message alone; and where the messages end in
+        it. None where that cannot be done (the caller renders everything)."""
+        if (not self.appends or previous is None or previous.body_end is None or previous.guarded
+                or not 0 < previous.message_count <= len(messages) or previous.tools != tools):
+            return None
+        first = list(messages[:1])
+        head, tail = self._head_and_tail(first, tools, generation_prompt)
+        if head is None:
+            return None
+        added = messages[previous.message_count:]
+        if added:
+            short = self.render_text(first + list(added), tools, generation_prompt=generation_prompt)
+            if not short.startswith(head) or not short.endswith(tail):
+                return None
+            pieces = short[len(head):len(short) - len(tail)]
+        else:
+            pieces = ""
+        body = previous.text[:previous.body_end] + pieces
+        return body + tail, len(body)
+
+    def _body_end(self, text: str, messages, tools, generation_prompt: bool) -> int | None:
+        """Where the messages' rendering ends in ``text``, a whole rendering (None: unknown)."""
+        if not self.appends or not messages:
+            return None
+        _, tail = self._head_and_tail(list(messages[:1]), tools, generation_prompt)
+        if tail is None or not text.endswith(tail):
+            return None
+        return len(text) - len(tail)
+
+    def _head_and_tail(self, first: list[dict[str, Any]], tools, generation_prompt: bool):
+        """The rendering of ``first`` (the first message) alone without generation prompt, and
+        the generation prompt's text ("" without one); (None, None) if the template appends
+        anything else after the messages."""
+        head = self.render_text(first, tools, generation_prompt=False)
+        if not generation_prompt:
+            return head, ""
+        whole = self.render_text(first, tools, generation_prompt=True)
+        if not whole.startswith(head):
+            return None, None
+        return head, whole[len(head):]
 
     def tokenize(self, text: str, previous: Prompt | None = None, *, guarded: bool = False) -> Prompt:
         """``text`` as a ``Prompt``. Its ids equal a full tokenization of ``text``; ``guarded``:
@@ -342,6 +410,33 @@ class PromptRenderer:
             self._fall_back("the tokenizer does not split its input at special tokens")
             return False
         return True
+
+    def _init_appending(self, hf: Any) -> None:
+        """Whether conversations that grew render only their new messages: the template must
+        render each message on its own (``chat_template.py``), checked once more on a sample."""
+        if self._direct is None:
+            self._log_full_render("the template is not rendered through Jinja here")
+            return
+        why = why_not_message_local(self._direct[0].environment, hf.chat_template)
+        if why is not None:
+            self._log_full_render(why)
+            return
+        base = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi."}]
+        grown = base + [{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye."}]
+        try:
+            self.appends = True
+            first = self.render(base)
+            second = self.render(grown, previous=first, continues=True)
+            self.appends = second.text == self.render_text(grown) and second.body_end is not None
+        except Exception:  # noqa: BLE001 - a template that cannot render the sample
+            self.appends = False
+        finally:
+            self.stats = RenderStats()
+        if not self.appends:
+            self._log_full_render("the sample conversation renders differently when appended")
+
+    def _log_full_render(self, why: str) -> None:
+        log.info("rendering the whole conversation every turn: %s", why)
 
     def _renders_tools(self) -> bool:
         sample = [{"role": "user", "content": "Hello."}]
