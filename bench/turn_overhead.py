@@ -87,6 +87,7 @@ def run_size(size: int, args, ref: common.InProcess, client, server: common.MlxL
         prompt = ref.render(conv.messages + [{"role": "user", "content": user}])  # what mlxkvd renders
         record["prompt_tokens"] = len(prompt)
 
+        time.sleep(args.pause_s)
         ttft, total = common.stream_turn(conv, user, args.max_tokens)
         t = conv.last_turn
         record["mlxkvd"] = {
@@ -104,6 +105,7 @@ def run_size(size: int, args, ref: common.InProcess, client, server: common.MlxL
         for way in runs:
             for _ in range(args.limit_repeats):
                 warm.sync(held)
+                time.sleep(args.pause_s)
                 seconds, prefilled, _ = warm.first_token(prompt, one_pass=way == "one_pass")
                 runs[way].append(seconds)
         two, one = common.median(runs["two_pass"]), common.median(runs["one_pass"])
@@ -113,6 +115,7 @@ def run_size(size: int, args, ref: common.InProcess, client, server: common.MlxL
         bar.update(1)
 
         messages.append({"role": "user", "content": user})
+        time.sleep(args.pause_s)
         r = server.chat(messages, args.max_tokens)
         messages.append({"role": "assistant", "content": r.text})
         usage = r.usage or {}
@@ -212,7 +215,9 @@ def markdown(report: dict) -> str:
         f"{shape['num_attention_heads']} head, float32) with the default model's tokenizer; OpenBLAS preloaded: "
         f"{m['blas_preloaded']} ({report['blas_threads']} thread(s) per process); {m['cpus']} CPUs, load average at start {m['loadavg_at_start']}; daemon code: "
         f"{m['git']}. Each cached turn adds a ~{report['user_tokens']}-token user message; max_tokens "
-        f"{report['max_tokens']}, greedy. TTFT is client side, ms.", "",
+        f"{report['max_tokens']}, greedy. TTFT is client side, ms. Every timed request of every system (each "
+        f"repetition of the limit too) follows {report.get('pause_s', 0) * 1000:.0f} ms of idle time: after an "
+        "idle gap the same model call costs this CPU 1.5-2.5 ms more than back to back.", "",
         "**limit**: mlx-lm in this process prefilling only what the turn adds beyond the longest common prefix "
         "with the previous turn's prompt + generated ids (mlxkvd's conversation replayed) to the first token, "
         f"median of {report['limit_repeats']} runs, the faster of two ways: *two passes* (mlx-lm's "
@@ -261,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=8, help="tokens generated per turn")
     parser.add_argument("--limit-repeats", type=int, default=3,
                         help="runs of the in-process limit per turn (median taken)")
+    parser.add_argument("--pause-s", type=float, default=0.25,
+                        help="idle time before every timed request of every system, the limit's repetitions "
+                             "included (after an idle gap the same model call costs this CPU 1.5-2.5 ms more)")
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="OpenBLAS threads of every process (this one and the servers)")
     parser.add_argument("--quick", action="store_true", help="sizes 1000,4000 and 2 cached turns (a smoke test)")
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     models.check_chatml(ref.tokenizer)
     report: dict[str, Any] = {
         "quick": args.quick, "turns": args.turns, "user_tokens": args.user_tokens, "max_tokens": args.max_tokens,
-        "limit_repeats": args.limit_repeats, "blas_threads": args.blas_threads,
+        "limit_repeats": args.limit_repeats, "pause_s": args.pause_s, "blas_threads": args.blas_threads,
         "meta": {**common.machine_info(), "git": common.git_state(), "model_dir": str(model_dir),
                  "model_shape": models.TINY.__dict__,
                  "model_build_s": build_s},

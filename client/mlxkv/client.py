@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.experimental
 
 from mlxkv.conversation import Conversation, Turn
 from mlxkv.errors import DaemonUnavailableError, MlxkvError, NotFoundError
@@ -32,6 +33,9 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    # Generate's stream is read by the calling thread itself, not handed over from a polling
+    # thread: one thread wake-up less per event (a few tenths of a millisecond per turn).
+    (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
 ]
 
 
