@@ -22,6 +22,7 @@ QUESTIONS = ["Name a primary colour.", "Name another one.", "Which fruit is yell
 MAX_TOKENS = 12
 SLACK = 8  # template tokens a re-render may rewrite (the end of the previous reply)
 GREEDY = {"temperature": 0}
+TOOLS_IGNORED = "X-Mlxkv-Tools-Ignored"  # "true" when the chat template renders none of the tools sent
 
 
 @pytest.fixture(scope="module")
@@ -152,6 +153,72 @@ def test_forced_tool_choice_needs_a_template_that_renders_tools(served, choice):
     with pytest.raises(anthropic.BadRequestError, match="renders no tools"):
         sdk(served).messages.create(model=httpd.MODEL, max_tokens=8, tools=tools, tool_choice=choice,
                                     messages=[{"role": "user", "content": toolchat.QUESTION}])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_tools_the_template_renders_nowhere_are_reported_in_a_header(served, tools_served, stream):
+    weather = toolchat.GET_WEATHER
+    tools = [{"name": weather["name"], "description": weather["description"], "input_schema": weather["parameters"]}]
+
+    def turn(daemon, **options):
+        """One turn through the SDK's raw response: its headers and stop reason."""
+        options = {"model": httpd.MODEL, "messages": [{"role": "user", "content": toolchat.QUESTION}],
+                   "extra_body": GREEDY, "max_tokens": 4, **options}
+        messages = sdk(daemon).messages
+        if not stream:
+            response = messages.with_raw_response.create(**options)
+            return response.headers, response.parse().stop_reason
+        with messages.with_streaming_response.create(**options, stream=True) as response:
+            return response.headers, [e.delta.stop_reason for e in response.parse() if e.type == "message_delta"][-1]
+
+    # The default model's own template (served: no --chat-template) renders no tools.
+    headers, stop_reason = turn(served, tools=tools)
+    assert headers[TOOLS_IGNORED] == "true"
+    assert stop_reason in ("end_turn", "max_tokens")  # no call is looked for
+    assert TOOLS_IGNORED not in turn(served)[0]
+    assert TOOLS_IGNORED not in turn(tools_served, tools=tools)[0]
+
+
+def billed(system: str, n: int) -> list[dict]:
+    """``system`` as Claude Code (2.1.36 on) sends it: after a billing header block whose value
+    changes on every request."""
+    header = f"x-anthropic-billing-header: cc_version=2.1.37.{n:03x}; cc_entrypoint=cli; cch={n:05x};"
+    return [{"type": "text", "text": header}, {"type": "text", "text": system}]
+
+
+def test_billing_header_changing_per_request_does_not_break_the_conversation(served, reference):
+    client = sdk(served)
+    messages = [{"role": "user", "content": QUESTIONS[0]}]
+    first = create(client, stream=False, system=billed(SYSTEM, 1), messages=messages, max_tokens=MAX_TOKENS,
+                   metadata={"user_id": "billed"})
+    messages += [{"role": "assistant", "content": first.content}, {"role": "user", "content": QUESTIONS[1]}]
+    second = create(client, stream=False, system=billed(SYSTEM, 2), messages=messages, max_tokens=MAX_TOKENS,
+                    metadata={"user_id": "billed"})
+    # The whole first turn is reused: the conversation goes on despite the new header.
+    assert cached(second) >= prompt_tokens(first)
+    assert cached(second) >= prompt_tokens(first) + first.usage.output_tokens - SLACK
+    # And the model saw the system prompt, without the header.
+    ours = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[0]},
+            {"role": "assistant", "content": text_of(first)}, {"role": "user", "content": QUESTIONS[1]}]
+    assert text_of(second) == reference.tokenizer.decode(reference.generate(ours, MAX_TOKENS))
+
+
+def test_billing_header_is_dropped_only_first_in_the_system_prompt(served):
+    client = sdk(served)
+    messages = [{"role": "user", "content": "Count me."}]
+
+    def count(**system) -> int:
+        return client.messages.count_tokens(model=httpd.MODEL, messages=messages, **system).input_tokens
+
+    [header, block] = billed(SYSTEM, 3)
+    bare = count(system=SYSTEM)
+    assert count(system=[header, block]) == bare  # the rest of the system prompt is kept
+    assert count(system=header["text"] + "\n" + SYSTEM) == bare  # a string's first line
+    assert count(system=[header]) == count()  # no system prompt left: the template's default
+    # Anywhere else, or under another name, it is the client's text.
+    assert count(system=[block, header]) > bare
+    assert count(system=[{"type": "text", "text": " " + header["text"]}, block]) > bare
+    assert count(system=[{"type": "text", "text": header["text"].upper()}, block]) > bare
 
 
 def test_two_conversations_under_one_user_id_keep_their_caches(served):

@@ -22,6 +22,7 @@ SYSTEM = "You are a concise assistant."
 QUESTIONS = ["Name a primary colour.", "Name another one.", "Which fruit is yellow?", "Say goodbye."]
 MAX_TOKENS = 12
 SLACK = 8  # template tokens a re-render may rewrite (the end of the previous reply)
+TOOLS_IGNORED = "X-Mlxkv-Tools-Ignored"  # "true" when the chat template renders none of the tools sent
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +140,29 @@ def test_forced_tool_choice_needs_a_template_that_renders_tools(served, choice):
         sdk(served).chat.completions.create(
             model=httpd.MODEL, messages=[{"role": "user", "content": toolchat.QUESTION}],
             tools=[{"type": "function", "function": t} for t in toolchat.TOOLS], tool_choice=choice, max_tokens=8)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_tools_the_template_renders_nowhere_are_reported_in_a_header(served, tools_served, stream):
+    tools = [{"type": "function", "function": toolchat.GET_WEATHER}]
+
+    def turn(daemon, **options):
+        """One turn through the SDK's raw response: its headers and finish reason."""
+        options = {"model": httpd.MODEL, "messages": [{"role": "user", "content": toolchat.QUESTION}],
+                   "temperature": 0, "max_tokens": 4, **options}
+        completions = sdk(daemon).chat.completions
+        if not stream:
+            response = completions.with_raw_response.create(**options)
+            return response.headers, response.parse().choices[0].finish_reason
+        with completions.with_streaming_response.create(**options, stream=True) as response:
+            return response.headers, [c.choices[0].finish_reason for c in response.parse() if c.choices][-1]
+
+    # The default model's own template (served: no --chat-template) renders no tools.
+    headers, finish = turn(served, tools=tools)
+    assert headers[TOOLS_IGNORED] == "true"
+    assert finish in ("stop", "length")  # no call is looked for
+    assert TOOLS_IGNORED not in turn(served)[0]
+    assert TOOLS_IGNORED not in turn(tools_served, tools=tools)[0]
 
 
 def test_two_conversations_under_one_prompt_cache_key_keep_their_caches(served):

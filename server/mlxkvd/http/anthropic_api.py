@@ -1,12 +1,13 @@
 """Anthropic's Messages API (``POST /v1/messages``, ``/v1/messages/count_tokens``) and its model
 list.
 
-A request becomes the daemon's messages (``turns.check_messages``): ``system`` first; a user
-message's ``tool_result`` blocks become "tool" messages, in order, before the rest of its text;
-an assistant's ``tool_use`` blocks become its ``tool_calls`` and its text blocks one content
-(the daemon cut its reply at the calls: joined, they are the stored reply again); thinking
-blocks are dropped. Identity: ``metadata.user_id``, else Claude Code's session header, else
-the anonymous pool (see ``sessions.py``).
+A request becomes the daemon's messages (``turns.check_messages``): ``system`` first, less
+Claude Code's billing header (``system_text``); a user message's ``tool_result`` blocks become
+"tool" messages, in order, before the rest of its text; an assistant's ``tool_use`` blocks
+become its ``tool_calls`` and its text blocks one content (the daemon cut its reply at the
+calls: joined, they are the stored reply again); thinking blocks are dropped. Identity:
+``metadata.user_id``, else Claude Code's session header, else the anonymous pool (see
+``sessions.py``).
 """
 
 from __future__ import annotations
@@ -25,18 +26,19 @@ from ..reply import ToolCall
 from . import fields
 from .errors import ANTHROPIC, error_body
 from .fields import invalid
-from .gateway import Gateway, sse
+from .gateway import Gateway, sse, turn_headers
 
 STOP_REASONS = {"stop": "end_turn", "stop_string": "stop_sequence", "length": "max_tokens", "tool_calls": "tool_use"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 SESSION_HEADER = "x-claude-code-session-id"
 DROPPED_BLOCKS = ("thinking", "redacted_thinking")
+BILLING_HEADER = "x-anthropic-billing-header:"  # see system_text
 
 
 def conversation(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The request's messages and tools in the daemon's shape."""
     out: list[dict[str, Any]] = []
-    system = fields.text(body.get("system"), "system")
+    system = system_text(body.get("system"))
     if system:
         out.append({"role": "system", "content": system})
     for i, m in enumerate(fields.objects(body, "messages", required=True)):
@@ -59,6 +61,19 @@ def conversation(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[
             raise invalid(f"tools[{i}].type {t.get('type')!r} is not supported (only custom tools)", param=f"tools[{i}]")
         tools.append(fields.tool(t, f"tools[{i}]", "input_schema"))
     return out, tools
+
+
+def system_text(system: Any) -> str:
+    """The system prompt's text, without a leading billing header: Claude Code (2.1.36 on) puts
+    an attribution line first whose value changes on every request. It is metadata for
+    Anthropic's billing, not instructions; kept, it would make every request a new conversation
+    that reuses the cache only up to that line."""
+    text = fields.text(system, "system")  # all of it checked, so that an error names the block sent
+    if not text.startswith(BILLING_HEADER):
+        return text
+    if isinstance(system, list):  # the first block, whole
+        return fields.text(system[1:], "system")
+    return text.partition("\n")[2]  # the first line
 
 
 def _user(blocks: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
@@ -168,9 +183,9 @@ class AnthropicApi:
         if fields.get(body, "stream", bool, False):
             # Waited for here so that a turn refused at once gets its status, not a broken stream.
             started = await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))
-            return gw.stream(turn, self._events(turn, head, started, stop))
+            return gw.stream(turn, started, self._events(turn, head, started, stop))
         events = await gw.collect(request, turn)
-        finished = events[-1]
+        started, finished = events[0], events[-1]
         content = [{"type": "text", "text": finished.text}] if finished.text else []
         content += [_tool_use(c) for c in finished.tool_calls]
         return JSONResponse({
@@ -178,7 +193,7 @@ class AnthropicApi:
             "stop_reason": STOP_REASONS[finished.finish_reason],
             "stop_sequence": self._stop_sequence(finished, stop, events),
             "usage": _usage(finished, finished.completion_tokens),
-        })
+        }, headers=turn_headers(started))
 
     def _stop_sequence(self, finished: Finished, stop: Sequence[str], events: Sequence[Any]) -> str | None:
         """The stop sequence that ended the reply: the one found earliest in its text."""

@@ -5,7 +5,9 @@ A turn is submitted on a worker thread (rendering and tokenizing a long history 
 milliseconds: never on the event loop). Its events arrive on a blocking queue; each is taken
 at once when it is already there, else by a worker thread, so that the event loop never waits.
 Every turn is cancelled when its response ends, whatever the reason (a no-op once it has
-finished): a client that disconnects stops the turn within one decode step.
+finished): a client that disconnects stops the turn within one decode step. A response says in
+a header what the turn's Started event says of it (``turn_headers``): both APIs have a body
+with no place for it, and a stream's headers go out before any event.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from .. import params
-from ..events import Failed, Finished, Turn
+from ..events import Failed, Finished, Started, Turn
 from ..errors import InvalidRequestError
 from ..runtime import Sampling
 from ..turns import Turns
@@ -31,6 +33,14 @@ from .fields import invalid
 # Threads that wait for turn events: one per turn in flight, apart from the default pool (which
 # submits), so that many slow streams never hold up a new request.
 MAX_WAITING_THREADS = 256
+# Sent as "true" when the request's tools reached the model nowhere: the chat template renders
+# none (the socket's ``Start.tools_ignored``); absent otherwise.
+TOOLS_IGNORED_HEADER = "X-Mlxkv-Tools-Ignored"
+
+
+def turn_headers(started: Started) -> dict[str, str]:
+    """The response headers that say what the turn's Started event says."""
+    return {TOOLS_IGNORED_HEADER: "true"} if started.tools_ignored else {}
 
 
 class Gateway:
@@ -163,9 +173,10 @@ class Gateway:
 
         return await self.until_disconnected(request, turn, run)
 
-    def stream(self, turn: Turn, chunks: AsyncIterator[bytes]) -> "TurnStream":
-        """A server-sent events response of ``chunks``; the turn is cancelled when it ends."""
-        return TurnStream(self.turns, turn, chunks)
+    def stream(self, turn: Turn, started: Started, chunks: AsyncIterator[bytes]) -> "TurnStream":
+        """A server-sent events response of ``chunks``, with the headers of the turn's Started
+        event (taken before: the headers go first); the turn is cancelled when it ends."""
+        return TurnStream(self.turns, turn, chunks, turn_headers(started))
 
 
 class ClientGone(Exception):
@@ -176,9 +187,9 @@ class TurnStream(StreamingResponse):
     """A server-sent events stream of one turn, cancelled however the response ends (a client
     that disconnects cancels the response; a client gone before it started never iterates it)."""
 
-    def __init__(self, turns: Turns, turn: Turn, chunks: AsyncIterator[bytes]):
+    def __init__(self, turns: Turns, turn: Turn, chunks: AsyncIterator[bytes], headers: dict[str, str]):
         super().__init__(chunks, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers})
         self._turns = turns
         self._turn = turn
 

@@ -22,7 +22,7 @@ from ..reply import ToolCall
 from . import fields
 from .errors import OPENAI, error_body
 from .fields import invalid
-from .gateway import Gateway, sse
+from .gateway import Gateway, sse, turn_headers
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -153,9 +153,10 @@ class OpenAIApi:
                 "system_fingerprint": "fp_" + gw.runtime.fingerprint}
         if stream:
             # Waited for here so that a turn refused at once gets its status, not a broken stream.
-            await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))
-            return gw.stream(turn, self._chunks(turn, head, include_usage))
-        finished = (await gw.collect(request, turn))[-1]
+            started = await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))
+            return gw.stream(turn, started, self._chunks(turn, head, include_usage))
+        events = await gw.collect(request, turn)
+        started, finished = events[0], events[-1]
         message: dict[str, Any] = {"role": "assistant",
                                    "content": finished.text if finished.text or not finished.tool_calls else None,
                                    "refusal": None}
@@ -166,7 +167,7 @@ class OpenAIApi:
             "choices": [{"index": 0, "message": message, "logprobs": None,
                          "finish_reason": FINISH_REASONS[finished.finish_reason]}],
             "usage": _usage(finished),
-        })
+        }, headers=turn_headers(started))
 
     async def _chunks(self, turn: Turn, head: dict[str, Any], include_usage: bool) -> AsyncIterator[bytes]:
         """The turn as ``chat.completion.chunk`` events. The first goes out with the first token
