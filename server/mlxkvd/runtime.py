@@ -12,7 +12,6 @@ import gc
 import hashlib
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -90,12 +89,6 @@ class ModelRuntime:
         if not (self.model_dir / "config.json").is_file():
             raise ModelLoadError(f"{self.model_dir} is not a model directory (no config.json)")
         self.backend = backend_name()
-        if self.backend == "cuda":
-            # MLX's CUDA backend caches a cuDNN attention plan per shape and, by default, fails
-            # every call once 512 shapes have missed its cache. Each turn of a growing
-            # conversation is a new shape: a daemon would fail every turn after a few hundred.
-            # Read when the cache is first used, after this; a user's own setting wins.
-            os.environ.setdefault("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")
         self.prefill_step = PREFILL_STEP_CPU if self.backend == "cpu" else PREFILL_STEP_GPU
         self.fingerprint = self._current_fingerprint()
         config = self._load()
