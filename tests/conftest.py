@@ -30,6 +30,15 @@ def model_dir(cache_dir) -> Path:
     return ensure_default_model(cache_dir)
 
 
+def file_size_limited(argv: list[str], limit: int) -> list[str]:
+    """``argv`` run with its files limited to ``limit`` bytes (RLIMIT_FSIZE): a ``python -c``
+    wrapper sets the limit and execs it. Not Popen's preexec_fn: with it Python forks instead of
+    vforking, which runs OpenBLAS's fork handler, and that deadlocks while its threads are busy."""
+    code = ("import os, resource, sys; n = int(sys.argv[1]); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (n, n)); os.execv(sys.argv[2], sys.argv[2:])")
+    return [sys.executable, "-c", code, str(limit), *argv]
+
+
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
     """Poll ``predicate`` until it returns something truthy, and return that; AssertionError
     after ``timeout`` seconds."""

@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import threading
 from pathlib import Path
 
-from conftest import Daemon, tier, wait_healthy
+from conftest import Daemon, file_size_limited, tier, wait_healthy
 
 from mlxkv import Client
 
@@ -99,12 +98,11 @@ class LimitedDaemon(Daemon):
         limit = self.fsize
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mlxkvd", "serve", "--socket", str(self.socket),
-                 "--cache-dir", str(self.cache_dir), *self.extra_args],
+                file_size_limited([sys.executable, "-m", "mlxkvd", "serve", "--socket", str(self.socket),
+                                   "--cache-dir", str(self.cache_dir), *self.extra_args], limit),
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "MLXKV_CONFIG": ""},
-                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)),
             )
         wait_healthy(self.socket, proc=self.proc)
         return self

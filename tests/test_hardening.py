@@ -10,7 +10,7 @@ import time
 
 import grpc
 import pytest
-from conftest import wait_for
+from conftest import file_size_limited, wait_for
 
 from mlxkv import Client
 from mlxkv.v1 import inference_pb2 as pb
@@ -279,19 +279,15 @@ def test_a_cache_dir_that_cannot_be_written_at_first_start_exits_cleanly(tmp_pat
     refuses the write (here: a file size limit, as a full disk would): a clear message and
     the model-error exit code (no restart loop under systemd), no traceback."""
     import os
-    import resource
     import subprocess
     import sys
 
     from mlxkvd.daemon import EXIT_MODEL
 
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
     proc = subprocess.run(
-        [sys.executable, "-m", "mlxkvd", "serve", "--socket", str(tmp_path / "s.sock"),
-         "--cache-dir", str(tmp_path / "cache")],
-        env={**os.environ, "MLXKV_CONFIG": ""}, preexec_fn=limit_file_size,
+        file_size_limited([sys.executable, "-m", "mlxkvd", "serve", "--socket", str(tmp_path / "s.sock"),
+                           "--cache-dir", str(tmp_path / "cache")], 64 * 1024),
+        env={**os.environ, "MLXKV_CONFIG": ""},
         capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == EXIT_MODEL, proc.stderr
