@@ -8,8 +8,8 @@ processes on its Unix socket.
 - A newcomer's long prompt does not stall a streaming turn: between two of its tokens there is
   at most about one prefill chunk of the newcomer's.
 - A cancelled row stops within a step; the other rows' answers do not change.
-- The memory budget admits only the turns whose cache growth fits beside those in flight:
-  the others wait (queue time), and the budget is never exceeded.
+- The memory budget admits only the turns whose cache growth, and the batch's padding of it,
+  fits beside those in flight: the others wait (queue time), and the budget is never exceeded.
 """
 
 from __future__ import annotations
@@ -344,7 +344,10 @@ def test_the_memory_budget_holds_two_turns_in_flight_and_the_others_wait(make_da
     reserves = [kv_bytes(reference, len(reference.prompt(m)) + max_tokens) for m in messages]
     assert len(set(reserves)) == 1  # each under one 256-token step
     reserve = reserves[0]
-    budget = 2 * reserve + reserve // 2  # two turns in flight, not three
+    # Two turns in flight, not three: room for two reservations and their batch padding
+    # (each row's batch cache may hold the longest row plus one 256-token step: here
+    # under a quarter of a reservation more a row), not for a third reservation.
+    budget = 2 * reserve + 3 * reserve // 4
     daemon = make_daemon("--max-cache-bytes", str(budget), "--max-disk-bytes", "0", cache=tmp_path / "cache")
 
     samples: list[pb.CacheTier] = []
@@ -388,8 +391,8 @@ def test_the_memory_budget_holds_two_turns_in_flight_and_the_others_wait(make_da
     over = [(s.bytes, s.in_flight_bytes) for s in samples if s.bytes + s.in_flight_bytes > budget]
     assert not over, f"budget {budget} exceeded: {over[:5]}"
     assert all(s.budget_bytes == budget for s in samples)
-    # Two turns were in flight together (a batch), never three.
-    assert max(in_flight) == 2 * reserve, sorted(set(in_flight))
+    # Two turns were in flight together (a batch, its padding counted), never three.
+    assert 2 * reserve < max(in_flight) < 3 * reserve, sorted(set(in_flight))
     queue_s = sorted(t.done.timings.queue_s for t in turns.values())
     run_s = sorted(t.total_s - t.done.timings.queue_s for t in turns.values())
     # A turn that did not fit waited for a row to leave, the time of a turn (a turn queued

@@ -63,14 +63,16 @@ class Harness:
         return self.turns.submit(key, messages, [], reset=revision == 0, base_revision=revision,
                                  sampling=Sampling(), max_tokens=max_tokens)
 
-    def submit_together(self, requests: list[tuple[str, str, int]]) -> list:
-        """Queue every turn while the engine thread is held by a task, then let it go: the
-        first turn starts with the others already waiting (a batch from its first chunk)."""
+    def submit_together(self, requests: list[tuple]) -> list:
+        """Queue every turn, ``(key, content, revision[, max_tokens])``, while the engine
+        thread is held by a task, then let it go: the first turn starts with the others already
+        waiting (a batch from its first chunk)."""
         gate, holding = threading.Event(), threading.Event()
         self.engine.post(lambda: (holding.set(), gate.wait(30)))
         assert holding.wait(30)
         try:
-            return [self.submit(key, content, revision=revision) for key, content, revision in requests]
+            return [self.submit(key, content, revision=revision, max_tokens=rest[0] if rest else MAX_TOKENS)
+                    for key, content, revision, *rest in requests]
         finally:
             gate.set()
 
@@ -292,10 +294,10 @@ def test_a_cancelled_waiting_turn_leaves_without_waiting_for_room(harness, runti
     assert order.index(("third", "Failed")) == 0, order
 
 
-@pytest.mark.xfail(strict=True, reason="the step that hands a decoding serial turn over to a batch "
-                   "yields no token of it: its row is still in mlx-lm's prompt batch, and waits a "
-                   "second step (two of a newcomer's prefill chunks) for its next token")
 def test_a_handed_over_turn_gets_a_token_from_every_batch_step(harness, runtime, monkeypatch):
+    """The step that hands a decoding serial turn over to a batch gives it its next token (its
+    row, one re-fed token to go, decodes at once), and so does every step while a newcomer
+    prefills."""
     import mlxkvd.batch
 
     h = harness(max_batch=ROWS)
@@ -322,6 +324,195 @@ def test_a_handed_over_turn_gets_a_token_from_every_batch_step(harness, runtime,
     prefill_steps = steps[: next(i for i, s in enumerate(steps) if "b" in s)]
     assert len(prefill_steps) >= 3
     assert all("a" in s for s in prefill_steps), [sorted(s) for s in steps[:8]]
+
+
+def facts(n: int) -> str:
+    """A long user message: ``n`` short facts (about 15 tokens each)."""
+    return " ".join(f"Fact {i}: box {i} holds {i * 7 % 13} marbles." for i in range(n))
+
+
+def record_steps(monkeypatch) -> list[tuple[frozenset, int]]:
+    """Per batch step, from now on: the conversations that got a token, and the prompt tokens
+    the step prefilled (mlx-lm's own count)."""
+    import mlxkvd.batch
+
+    steps: list[tuple[frozenset, int]] = []
+    step = mlxkvd.batch.Batch.step
+
+    def recorded(self):
+        with self._gen.stats() as stats:
+            out = step(self)
+        steps.append((frozenset(s.run.key for s in out), stats.prompt_tokens))
+        return out
+
+    monkeypatch.setattr(mlxkvd.batch.Batch, "step", recorded)
+    return steps
+
+
+def prompt_tokens(runtime: ModelRuntime, content: str) -> int:
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": content}]
+    return len(runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+
+
+def test_a_turn_handed_over_in_its_prefill_decodes_right_after_its_last_chunk(harness, runtime, monkeypatch):
+    """The serial turn hands over before its first chunk (a turn waits); in the batch its
+    first token comes from the step after its last prefill chunk, not one step later (which
+    would cost it one more of the newcomer's chunks)."""
+    h = harness(max_batch=ROWS)
+    steps = record_steps(monkeypatch)
+    step = runtime.prefill_step
+    first, newcomer = h.submit_together([("a", facts(step // 6), 0, 4), ("b", facts(step // 3), 0, 2)])
+    outcome(first)
+    outcome(newcomer)
+    chunks = -(-(len(first.prompt.ids) - 1) // step)  # its last prompt token is fed by its first decode
+    assert chunks >= 2
+    got_token = [i for i, (keys, _) in enumerate(steps) if "a" in keys]
+    assert got_token[0] == chunks, [sorted(keys) for keys, _ in steps[: chunks + 2]]
+
+
+def test_on_the_cpu_a_streaming_row_waits_one_newcomers_chunk_per_token(harness, runtime, monkeypatch):
+    """Two newcomers arrive while a turn streams: on the CPU, where a forward pass costs what
+    its tokens cost, each batch step prefills one chunk of one newcomer at most, so the
+    streaming row's tokens are never further apart than one chunk."""
+    if runtime.backend != "cpu":
+        pytest.skip("GPU backends prefill several newcomers in one pass (mlx-lm's default)")
+    h = harness(max_batch=ROWS)
+    steps = record_steps(monkeypatch)
+    streaming, *newcomers = h.submit_together([("a", "Count from 1 to 100.", 0, 60),
+                                               ("b", facts(runtime.prefill_step // 7), 0, 2),
+                                               ("c", facts(runtime.prefill_step // 6), 0, 2)])
+    for turn in newcomers:
+        assert len(turn.prompt.ids) > 2 * runtime.prefill_step  # several chunks each
+        outcome(turn)
+    outcome(streaming)
+    # Up to the step that gave both newcomers their first token.
+    until = max(next(i for i, (keys, _) in enumerate(steps) if key in keys) for key in ("b", "c"))
+    assert until >= 4
+    prefilled = [n for _, n in steps[: until + 1]]
+    assert max(prefilled) <= runtime.prefill_step, prefilled
+    assert all("a" in keys for keys, _ in steps[: until + 1]), [sorted(keys) for keys, _ in steps]
+
+
+def test_a_batched_rows_cache_is_held_by_the_batch_alone(harness, monkeypatch):
+    """Once a row's cache is in the batch (copied into its batch cache), neither the running
+    turn nor its lease keeps the original: its memory is not held twice."""
+    import gc
+    import weakref
+
+    import mlxkvd.batch
+
+    h = harness(max_batch=ROWS)
+    added: list[tuple[object, weakref.ref]] = []
+    held: list[tuple[int, str]] = []  # (step, conversation) whose original cache is still alive
+    add, step = mlxkvd.batch.Batch.add, mlxkvd.batch.Batch.step
+
+    def recorded_add(self, run, *args, **kwargs):
+        added.append((run, weakref.ref(run.cache[0])))
+        return add(self, run, *args, **kwargs)
+
+    def checked_step(self):
+        out = step(self)
+        gc.collect()
+        for run, layer in added:
+            if run.cache is not None or run.lease.lookup.cache is not None or layer() is not None:
+                held.append((len(out), run.key))
+        return out
+
+    monkeypatch.setattr(mlxkvd.batch.Batch, "add", recorded_add)
+    monkeypatch.setattr(mlxkvd.batch.Batch, "step", checked_step)
+    # The first turn runs serially, hands over after its first token (its cache from the
+    # serial run); the second joins with a fresh cache.
+    turns = h.submit_together([("h0", QUESTIONS[0], 0), ("h1", QUESTIONS[1], 0)])
+    for turn in turns:
+        outcome(turn)
+    assert sorted(run.key for run, _ in added) == ["h0", "h1"]
+    assert not held, held
+
+
+def test_admission_counts_the_padding_of_batched_caches(harness, runtime):
+    """A batch pads every row's cache to its longest row: a short turn beside a long one costs
+    what the long one costs. With room for both reservations, not for the short one padded to
+    the long one's length, the short turn waits for the long one to end; two short turns still
+    run together under the same budget."""
+    long_text = facts(runtime.prefill_step // 5)
+    long_len = prompt_tokens(runtime, long_text) + MAX_TOKENS
+    short_len = prompt_tokens(runtime, QUESTIONS[0]) + MAX_TOKENS
+    reserve_long, reserve_short = runtime.kv_nbytes(long_len), runtime.kv_nbytes(short_len)
+    assert reserve_long >= 3 * reserve_short
+    h = harness(max_batch=ROWS, max_bytes=reserve_long + 2 * reserve_short)
+
+    def overlapped(first, second) -> bool:
+        (_, _, a), (_, _, b) = outcome(first), outcome(second)
+        started_b = second.submitted_at + b.queue_s
+        return started_b < first.submitted_at + a.total_s
+
+    long_turn, short_turn = h.submit_together([("p-long", long_text, 0), ("p-short", QUESTIONS[0], 0)])
+    assert not overlapped(long_turn, short_turn), "the short turn ran beside the long one"
+    assert h.store.stats()["memory"]["in_flight_bytes"] == 0
+    one, two = h.submit_together([("p-one", QUESTIONS[0], 0, 40), ("p-two", QUESTIONS[2], 0, 40)])
+    assert overlapped(one, two), "two short turns did not run together"
+    assert h.store.stats()["memory"]["in_flight_bytes"] == 0
+
+
+def test_the_status_snapshot_is_current_at_every_batch_step(harness, monkeypatch):
+    """What GetStatus shows follows admissions and rows' ends in batch mode, not only the
+    batch's end."""
+    import mlxkvd.batch
+
+    h = harness(max_batch=ROWS)
+    stale: list[dict] = []
+    step = mlxkvd.batch.Batch.step
+
+    def checked(self):
+        if h.engine.store_stats() != h.store.stats():
+            stale.append({"shown": h.engine.store_stats()["memory"], "store": h.store.stats()["memory"]})
+        return step(self)
+
+    monkeypatch.setattr(mlxkvd.batch.Batch, "step", checked)
+    turns = h.submit_together([("st0", QUESTIONS[0], 0, 2), ("st1", QUESTIONS[1], 0, 4),
+                               ("st2", QUESTIONS[2], 0, 30)])
+    for turn in turns:
+        outcome(turn)
+    assert not stale, stale[:3]
+
+
+def test_if_the_engine_thread_dies_in_batch_mode_every_turn_gets_failed(harness, monkeypatch):
+    """An exception that escapes the engine's per-step handling kills its thread: the batch's
+    rows and the turns waiting for admission fail, as queued ones do; no client hangs."""
+    import queue
+
+    import mlxkvd.batch
+
+    class Crash(BaseException):  # not an Exception: the batch step's own handler lets it through
+        pass
+
+    h = harness(max_batch=2)
+    calls = []
+    step = mlxkvd.batch.Batch.step
+
+    def crashing(self):
+        calls.append(len(self))
+        if len(calls) == 2:
+            raise Crash("injected")
+        return step(self)
+
+    monkeypatch.setattr(mlxkvd.batch.Batch, "step", crashing)
+    turns = h.submit_together([(f"die{i}", q, 0, 30) for i, q in enumerate(QUESTIONS)])
+    ends = []
+    for turn in turns:
+        while True:
+            try:
+                event = turn.events.get(timeout=20)
+            except queue.Empty:
+                ends.append(None)
+                break
+            if isinstance(event, (Finished, Failed)):
+                ends.append(type(event).__name__)
+                break
+    assert calls[:2] == [2, 2]  # two rows; two turns waited for admission
+    assert ends == ["Failed"] * len(turns), ends
+    assert not h.engine.alive
+    assert h.engine.active_requests == 0
 
 
 @pytest.mark.xfail(strict=True, reason="a seeded sampled turn is reproducible only alone: a batch row "

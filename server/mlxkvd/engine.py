@@ -28,6 +28,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from .batch import BatchMode
 from .conversations import ConversationRegistry
 from .events import Failed, Turn
 from .running import Counters, RunningTurn
@@ -59,8 +60,9 @@ class _Task:
     future: Future | None = None
 
 
-class Engine:
-    """Owns the model runtime and the cache store; runs turns one at a time."""
+class Engine(BatchMode):
+    """Owns the model runtime and the cache store; runs a lone turn serially, concurrent
+    turns as rows of a batch (batch mode: ``batch.BatchMode``)."""
 
     def __init__(
         self,
@@ -207,6 +209,7 @@ class Engine:
             log.critical("the engine thread died", exc_info=True)
             self._died = True
         finally:
+            self._fail_batch()  # rows and waiting turns of a batch it died in
             self._drain()
         try:
             flushed = self.store.flush()
@@ -357,6 +360,7 @@ class Engine:
             self._active -= 1
         for forgotten in self.registry.pop_forgotten():
             self.store.delete(forgotten)
+        self._refresh_snapshot()  # a batch row's end too, while the other rows go on
 
     def _complete(self, run: RunningTurn, cache: Any) -> None:
         try:
@@ -434,76 +438,3 @@ class Engine:
         """Whether a turn waits in the queue and could join this one in a batch."""
         return self.max_batch > 1 and self._queue.qsize() > 0 and self._batchable and any(
             isinstance(item, Turn) for item in list(self._queue.queue))
-
-    def _hand_over(self, run: RunningTurn, held: list[int], new: list[int]) -> None:
-        """The serial turn becomes the first row of a batch; the waiting turns join it."""
-        from .batch import Batch
-
-        self._batch = Batch(self.runtime, self.max_batch)
-        self._batch.add(run, held, new, run.cache)
-        log.info("batching: another turn arrived while conversation %r was running", run.key)
-
-    def _run_batched(self) -> bool:
-        """One cycle of batch mode: queued work taken in (turns wait for admission, tasks run),
-        cancelled rows taken out, one decode step (plus a prefill chunk). False once the
-        engine is stopping and nothing is left to run."""
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is None:
-                self._stopping_seen = True
-            elif isinstance(item, Turn):
-                self._waiting.append(item)
-            else:
-                self._run_task(item)
-        for turn in [t for t in self._waiting if t.cancelled.is_set()]:
-            self._waiting.remove(turn)  # its client left while it waited for room
-            self._fail(self._new_run(turn), TurnCancelledError("cancelled before it started"))
-        self._admit()
-        batch = self._batch
-        for run in batch.runs():
-            if run.turn.cancelled.is_set():
-                cache, tokens = batch.remove(run)
-                run.cancelled(cache, len(tokens))
-                self._fail(run, TurnCancelledError("the client cancelled the turn"))
-        if len(batch):
-            try:
-                steps = batch.step()
-            except Exception as exc:  # noqa: BLE001 - the rows' caches are in an unknown state
-                for run in batch.runs():
-                    batch.remove(run)
-                    self._fail(run, exc)
-                steps = []
-            for step in steps:
-                if step.run.on_token(step.token) or step.cache is not None:
-                    cache = step.cache if step.cache is not None else batch.remove(step.run)[0]
-                    self._complete(step.run, cache)
-        if not len(batch) and not self._waiting:
-            batch.close()
-            self._batch = None
-            self._refresh_snapshot()
-            return not self._stopping_seen
-        return True
-
-    def _admit(self) -> None:
-        """Start waiting turns, oldest first, while the batch has rows free and the memory
-        budget has room for their caches beside those in flight (a turn that does not fit
-        waits; its wait shows as its queue time)."""
-        batch = self._batch
-        while self._waiting and len(batch) < self.max_batch:
-            turn = self._waiting[0]
-            if len(batch) and not self.store.can_reserve(RunningTurn.reserve_for(turn, self.runtime)):
-                return
-            self._waiting.popleft()
-            run = self._new_run(turn)
-            try:
-                if turn.cancelled.is_set():
-                    raise TurnCancelledError("cancelled before it started")
-                if not self.runtime.loaded:
-                    self.runtime.ensure_loaded()
-                run.begin(self._refresh_snapshot)
-                batch.add(run, run.prompt[: run.held], run.prompt[run.held:], run.cache)
-            except BaseException as exc:  # noqa: BLE001 - the handler gets every failure
-                self._fail(run, exc)

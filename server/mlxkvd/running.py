@@ -58,7 +58,7 @@ class RunningTurn:
             sampling = dataclasses.replace(sampling, top_k=0)
         self.sampling: Sampling = sampling
         self.lease: Lease | None = None
-        self.cache: Any = None
+        self.cache: Any = None  # None again once a batch holds it (Batch.add)
         self.cached = 0  # prompt tokens the lease gave
         self.held = 0  # tokens the cache holds
         self.checkpoint = None
@@ -78,8 +78,13 @@ class RunningTurn:
     @staticmethod
     def reserve_for(turn: Turn, runtime: ModelRuntime) -> int:
         """What a turn's cache may grow to: counted against the budget from its start."""
+        return runtime.kv_nbytes(RunningTurn.length_for(turn, runtime))
+
+    @staticmethod
+    def length_for(turn: Turn, runtime: ModelRuntime) -> int:
+        """The most tokens a turn's cache holds: its prompt and every token it may generate."""
         prompt = len(turn.prompt.ids)
-        return runtime.kv_nbytes(prompt + min(turn.max_tokens, runtime.context_length - prompt))
+        return prompt + min(turn.max_tokens, runtime.context_length - prompt)
 
     def begin(self, refresh: Callable[[], None]) -> None:
         """Lease the cache and send ``Started``; ``refresh`` updates the status snapshot."""
