@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import os
 import random
 import signal
@@ -58,6 +59,19 @@ def child_env() -> dict[str, str]:
     env["MLXKV_CONFIG"] = ""
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
+
+
+def start(out: Path, name: str, *, blas_threads: int | None = None) -> Path:
+    """A benchmark's start: OpenBLAS preloaded (``blas_threads`` threads per process, servers
+    included, when given), SIGTERM ends it cleanly, warnings logged, and ``out`` made. Returns
+    ``out/<name>-work``, emptied: the servers' logs and caches of this run."""
+    if blas_threads is not None:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(blas_threads)  # before the re-exec: servers inherit it
+    ensure_blas()  # re-execs once; everything after runs with OpenBLAS preloaded
+    exit_on_sigterm()
+    logging.basicConfig(level=logging.WARNING)
+    out.mkdir(parents=True, exist_ok=True)
+    return fresh_workdir(out, f"{name}-work")
 
 
 def fresh_workdir(out: Path, name: str) -> Path:
@@ -210,13 +224,15 @@ def cache_nbytes(cache: list) -> int:
 # --- servers ----------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    """In the child before exec (Linux): SIGTERM it when the benchmark process dies, so an
-    interrupted run leaves no server behind."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+# Run as ``python -c`` in front of a server's command line (Linux): the server gets SIGTERM when
+# the benchmark process dies, so an interrupted run leaves no server behind (PR_SET_PDEATHSIG
+# survives exec). A wrapper, not Popen's preexec_fn: with preexec_fn Python forks instead of
+# vforking, which runs OpenBLAS's fork handler, and that deadlocks while its threads are busy.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; "
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM); "  # 1: PR_SET_PDEATHSIG
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
 
 
 def exit_on_sigterm() -> None:
@@ -237,8 +253,9 @@ class ServerProcess:
     def _spawn(self, argv: list[str]) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            if sys.platform.startswith("linux"):
+                argv = [sys.executable, "-c", _DIE_WITH_PARENT, *argv]
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=child_env())
 
     def _check_alive(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:

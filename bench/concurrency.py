@@ -28,7 +28,6 @@ mlxkvd serial by text, the same way. Writes ``concurrency.json`` and ``concurren
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import sys
@@ -259,15 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     if not levels or levels[0] < 1 or args.turns < 1 or set(systems) - set(SYSTEMS):
         parser.error("levels must be >= 1, --turns >= 1, systems among " + ",".join(SYSTEMS))
 
-    os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)  # before the re-exec: servers inherit it
-    common.ensure_blas()  # re-execs once; everything below runs with OpenBLAS preloaded
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
+    out: Path = args.out
+    workdir = common.start(out, "concurrency", blas_threads=args.blas_threads)
     from tokenizers import Tokenizer
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "concurrency-work")
     started = time.perf_counter()
     default_dir, f32_dir = common.model_dirs()
     tokenizer = Tokenizer.from_file(str(default_dir / "tokenizer.json"))

@@ -44,7 +44,6 @@ import argparse
 import http.client
 import itertools
 import json
-import logging
 import math
 import os
 import random
@@ -549,14 +548,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.turns < 2:
         parser.error("--turns must be >= 2 (the first is cold)")
 
-    common.ensure_blas()  # re-execs once; everything below runs with OpenBLAS preloaded
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
+    out: Path = args.out
+    workdir = common.start(out, "http_api")
     from mlx_lm.utils import load_tokenizer
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "http_api-work")
     default_dir, f32_dir = common.model_dirs()
     tokenizer = load_tokenizer(default_dir)
     count_tokens = lambda s: len(tokenizer.encode(s, add_special_tokens=False))  # noqa: E731

@@ -19,7 +19,6 @@ turn time; per system and workload: peak RSS of the serving process. Writes
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import os
 import shutil
@@ -560,12 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         if w not in WORKLOADS:
             parser.error(f"unknown workload {w!r}")
 
-    common.ensure_blas()  # re-execs once; everything below runs with OpenBLAS preloaded
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
     out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "multiturn-work")
+    workdir = common.start(out, "multiturn")
     started = time.perf_counter()
     default_dir, f32_dir = common.model_dirs()
     ref = common.InProcess(f32_dir)

@@ -12,7 +12,6 @@ generated tokens). Writes ``reply_reuse.json`` and ``reply_reuse.md`` under ``--
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
@@ -35,15 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", default="24,64,128", help="cycled per turn")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args(argv)
-    common.ensure_blas()
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
+    out: Path = args.out
+    workdir = common.start(out, "reply_reuse")
     from mlxkv import Client
 
     limits = [int(n) for n in args.max_tokens.split(",")]
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "reply_reuse-work")
     default_dir, _ = common.model_dirs()
     reference = common.InProcess(default_dir)
     text = common.TextMaker(SEED, reference.count)

@@ -19,7 +19,6 @@ Writes ``turn_latency.json`` and ``turn_latency.md`` under ``--out``.
 from __future__ import annotations
 
 import argparse
-import logging
 import shutil
 import sys
 import time
@@ -50,18 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions (default 3; quick 1)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     args = parser.parse_args(argv)
-    common.ensure_blas()
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
-
+    out: Path = args.out
+    workdir = common.start(out, "turn_latency")
     from mlxkv import Client
 
     repeats = args.repeats or (1 if args.quick else 3)
     history_tokens, new_tokens = (400, 60) if args.quick else (1000, 100)
     decode_tokens = 32 if args.quick else 128
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "turn_latency-work")
     started_at = time.perf_counter()
 
     default_dir, f32_dir = common.model_dirs()

@@ -24,8 +24,6 @@ Per turn: client-side TTFT, and overhead = TTFT - limit (ms). Writes ``turn_over
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import shutil
 import sys
 import time
@@ -282,16 +280,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # One BLAS thread in every process: on 2 shared cores, OpenBLAS's threads wait on each other
     # (a 10 ms step then takes 10-800 ms at random); set before the re-exec, for the servers too.
-    os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
-    common.ensure_blas()  # re-execs once; everything below runs with OpenBLAS preloaded
+    out: Path = args.out
+    workdir = common.start(out, "turn_overhead", blas_threads=args.blas_threads)
     set_blas_threads(args.blas_threads)  # in case this process was started with the preload
-    common.exit_on_sigterm()
-    logging.basicConfig(level=logging.WARNING)
     from mlxkv import Client
 
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    workdir = common.fresh_workdir(out, "turn_overhead-work")
     started = time.perf_counter()
     model_dir, build_s = models.timed_build(common.MODEL_CACHE_DIR / "random-tiny-llama", models.TINY,
                                             models.default_tokenizer_dir())
