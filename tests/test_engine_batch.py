@@ -262,6 +262,28 @@ def test_deleting_a_conversation_mid_batch_fails_only_its_turn(harness):
     outcome(turns[1], timeout=10)
 
 
+def test_a_row_whose_reply_fails_fails_alone(harness, monkeypatch):
+    """A row's own failure while its token is handled (its reply's parser raising, say) fails
+    that turn only: the other rows finish and the engine goes on."""
+    from mlxkvd.running import RunningTurn
+
+    h = harness(max_batch=ROWS)
+    on_token = RunningTurn.on_token
+
+    def failing(self, token):
+        if self.key == "bad" and len(self.generated) == 2:
+            raise ValueError("the reply parser broke")
+        return on_token(self, token)
+
+    monkeypatch.setattr(RunningTurn, "on_token", failing)
+    turns = h.submit_together([("bad", QUESTIONS[1], 0), ("good", QUESTIONS[2], 0)])
+    with pytest.raises(ValueError, match="parser broke"):
+        outcome(turns[0])
+    outcome(turns[1])
+    assert h.engine.alive, "the engine thread died"
+    outcome(h.submit("bad2", QUESTIONS[0]))  # and serves the next turn
+
+
 def test_a_cancelled_waiting_turn_leaves_without_waiting_for_room(harness, runtime):
     reserve = runtime.kv_nbytes(200)  # each turn below: ~25 prompt tokens + 200, one 256-token step
     h = harness(max_batch=ROWS, max_bytes=reserve + reserve // 2)  # one turn in flight at a time

@@ -254,8 +254,10 @@ class BatchMode:
         for run in batch.runs():
             if run.turn.cancelled.is_set():
                 cache, tokens = batch.remove(run)
-                run.cancelled(cache, len(tokens))
-                self._fail(run, TurnCancelledError("the client cancelled the turn"))
+                try:
+                    run.cancelled(cache, len(tokens))
+                finally:
+                    self._fail(run, TurnCancelledError("the client cancelled the turn"))
         if len(batch):
             try:
                 steps = batch.step()
@@ -265,7 +267,14 @@ class BatchMode:
                     self._fail(run, exc)
                 steps = []
             for step in steps:
-                if step.run.on_token(step.token) or step.cache is not None:
+                try:
+                    over = step.run.on_token(step.token)
+                except Exception as exc:  # noqa: BLE001 - this row's reply failed: this row alone
+                    if step.cache is None:
+                        batch.remove(step.run)
+                    self._fail(step.run, exc)
+                    continue
+                if over or step.cache is not None:
                     cache = step.cache if step.cache is not None else batch.remove(step.run)[0]
                     self._complete(step.run, cache)
         if not len(batch) and not self._waiting:
