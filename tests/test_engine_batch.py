@@ -284,6 +284,27 @@ def test_a_row_whose_reply_fails_fails_alone(harness, monkeypatch):
     outcome(h.submit("bad2", QUESTIONS[0]))  # and serves the next turn
 
 
+def test_a_cancelled_row_whose_cache_cannot_be_kept_fails_alone(harness, monkeypatch):
+    """Keeping a cancelled row's cache failing (a store error, say) fails that turn with the
+    error, as a serial turn does; the other rows finish and the engine goes on."""
+    from mlxkvd.running import RunningTurn
+
+    def failing(self, cache, held):
+        raise OSError("the store refused the cache")
+
+    monkeypatch.setattr(RunningTurn, "cancelled", failing)
+    h = harness(max_batch=ROWS)
+    turns = h.submit_together([("cx0", QUESTIONS[1], 0), ("cx1", QUESTIONS[2], 0)])
+    victim = turns[0]
+    while not isinstance(victim.events.get(timeout=EVENT_TIMEOUT_S), Text):
+        pass
+    h.turns.cancel(victim)
+    with pytest.raises(OSError, match="store refused"):
+        outcome(victim)
+    outcome(turns[1])
+    assert h.engine.alive, "the engine thread died"
+
+
 def test_a_cancelled_waiting_turn_leaves_without_waiting_for_room(harness, runtime):
     reserve = runtime.kv_nbytes(200)  # each turn below: ~25 prompt tokens + 200, one 256-token step
     h = harness(max_batch=ROWS, max_bytes=reserve + reserve // 2)  # one turn in flight at a time

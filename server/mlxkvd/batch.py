@@ -254,10 +254,12 @@ class BatchMode:
         for run in batch.runs():
             if run.turn.cancelled.is_set():
                 cache, tokens = batch.remove(run)
+                error: BaseException = TurnCancelledError("the client cancelled the turn")
                 try:
                     run.cancelled(cache, len(tokens))
-                finally:
-                    self._fail(run, TurnCancelledError("the client cancelled the turn"))
+                except Exception as exc:  # noqa: BLE001 - keeping its cache failed: this row alone
+                    error = exc
+                self._fail(run, error)
         if len(batch):
             try:
                 steps = batch.step()
