@@ -6,9 +6,9 @@ from its syntax tree; the default model's does) renders only the messages a turn
 the first one for context, and the previous turn's text is kept up to its generation prompt.
 Other templates render the whole conversation every turn: a few microseconds per message.
 
-Tokenizing all of the text would cost a few microseconds per token. Hugging Face tokenizers split their input on added
-(special) tokens before anything else, so the text before the start of a special token
-tokenizes the same whatever follows it. A ``Prompt`` keeps a turn's rendered text, its ids,
+Tokenizing all of the text would cost a few microseconds per token. Hugging Face tokenizers
+split their input on added (special) tokens before anything else, so the text before the
+start of a special token tokenizes the same whatever follows it. A ``Prompt`` keeps a turn's rendered text, its ids,
 and where each special token sits in both (``marks``); the next turn's render is compared
 with it at C speed, the ids up to the last special token inside the common text are kept,
 and only the rest is tokenized. Templates that rewrite earlier turns only move the point
