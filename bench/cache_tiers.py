@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.textgen import TextMaker
 
 MAX_TOKENS = 16
 
@@ -37,7 +38,7 @@ def _first_delta_s(conv, text: str, **kw):
     return (first[0] if first else time.perf_counter()) - started, turn
 
 
-def _history(maker: common.TextMaker, target_tokens: int, count) -> list[dict]:
+def _history(maker: TextMaker, target_tokens: int, count) -> list[dict]:
     """A system prompt and user/assistant exchanges totalling about ``target_tokens``."""
     messages = [{"role": "system", "content": maker.system_prompt(150)}]
     while sum(count(m["content"]) + 5 for m in messages) < target_tokens:
@@ -88,14 +89,14 @@ def main() -> int:
         daemon.start()
         bar = common.progress(repeat * 5, "cache tiers")
         for rep in range(repeat):
-            maker = common.TextMaker(1000 + rep, count)
+            maker = TextMaker(1000 + rep, count)
             new_message = maker.user_message(100)
             with Client(daemon.socket_path) as client:
                 # (a) memory and (b) disk: two conversations with the same-sized histories.
                 convs = {}
                 for name in ("memory", "disk"):
                     conv = client.conversation()
-                    history = _history(common.TextMaker(2000 + rep * 10 + len(name), count), history_tokens, count)
+                    history = _history(TextMaker(2000 + rep * 10 + len(name), count), history_tokens, count)
                     conv.reset(history)
                     conv.send("Go on.", max_tokens=MAX_TOKENS)
                     convs[name] = conv
@@ -113,7 +114,7 @@ def main() -> int:
                 bar.update()
                 # (c) scratch: a history of the same size that no cache holds.
                 conv = client.conversation()
-                history = _history(common.TextMaker(3000 + rep, count), history_tokens, count)
+                history = _history(TextMaker(3000 + rep, count), history_tokens, count)
                 conv.reset(history)
                 seconds, turn = _first_delta_s(conv, new_message)
                 figures["scratch"].append(seconds)
@@ -128,8 +129,8 @@ def main() -> int:
                 )
                 figures["shared"].append(seconds)
                 reused["shared"].append(turn.cached_tokens)
-                cold_system = common.TextMaker(4000 + rep, count).system_prompt(
-                    system_tokens, common.TextMaker(5000 + rep, count).tools(system_tokens // 3)
+                cold_system = TextMaker(4000 + rep, count).system_prompt(
+                    system_tokens, TextMaker(5000 + rep, count).tools(system_tokens // 3)
                 )
                 seconds, turn = _first_delta_s(client.conversation(system=cold_system), maker.user_message(50))
                 figures["cold"].append(seconds)

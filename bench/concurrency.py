@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from bench import common
+from bench.textgen import TextMaker
 
 SEED = 20261203
 SYSTEMS = ("mlxkvd", "mlxkvd_serial", "mlx_lm_server")
@@ -51,7 +52,7 @@ def workload(level: int, count: Callable[[str], int], args) -> list[dict[str, An
     """The level's conversations: the same for every system."""
     chats = []
     for i in range(level):
-        text = common.TextMaker(SEED + 1000 * level + i, count)
+        text = TextMaker(SEED + 1000 * level + i, count)
         chats.append({"system": text.system_prompt(args.system_tokens),
                       "users": [text.user_message(args.user_tokens) for _ in range(args.turns)]})
     return chats

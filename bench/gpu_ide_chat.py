@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, models
+from bench.textgen import TextMaker, tools_json
 
 SEED = 20261203
 USER_TOKENS = (273, 568)
@@ -51,7 +52,7 @@ def say(message: str) -> None:
 # --- workload ---------------------------------------------------------------------------------
 
 
-def system_prompt(text: common.TextMaker, tokens: int) -> str:
+def system_prompt(text: TextMaker, tokens: int) -> str:
     """An IDE system prompt of about ``tokens``: instructions, tool definitions as JSON (~40%),
     project context; assembled from pieces counted one at a time, since TextMaker's own
     builders re-count their whole text per sentence (minutes at 30K tokens)."""
@@ -64,8 +65,8 @@ def system_prompt(text: common.TextMaker, tokens: int) -> str:
         for tool in batch:
             tool["name"] = f"{tool['name']}_{len(tools)}"
             tools.append(tool)
-        count += text.count(common.tools_json(batch))
-    parts = [head + common.tools_json(tools) + "\nProject context:"]
+        count += text.count(tools_json(batch))
+    parts = [head + tools_json(tools) + "\nProject context:"]
     count = text.count(parts[0])
     while count < tokens:
         piece = text.code(300) if len(parts) % 2 else text.prose(300)
@@ -75,14 +76,14 @@ def system_prompt(text: common.TextMaker, tokens: int) -> str:
 
 
 def workload(count_tokens, size: int, turns: int) -> tuple[str, list[str]]:
-    text = common.TextMaker(SEED + size, count_tokens)
+    text = TextMaker(SEED + size, count_tokens)
     system = system_prompt(text, size)
     return system, [text.user_message(text.rng.randint(*USER_TOKENS)) for _ in range(turns)]
 
 
 def warm_up_texts(count_tokens) -> list[str]:
     """A short prompt, one of ~2048 tokens and one of ~400, unlike the workload's text."""
-    text = common.TextMaker(SEED - 1, count_tokens)
+    text = TextMaker(SEED - 1, count_tokens)
     return ["Say hi.", text.prose(2048), text.code(400)]
 
 

@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from bench import common, models
+from bench.textgen import TextMaker
 
 SEED = 20261205
 TARGET_OVERHEAD_MS = 2.0
@@ -241,7 +242,7 @@ def run_overhead(label: str, model_dir: Path, blocks: int, count_tokens, args, w
         key = api_key(workdir, f"overhead-{label}")
         http_clients = {"http": OpenAIChat(url, key)}
         http_clients["raw"] = RawChat(url, key, http_clients["http"].model)
-        text = common.TextMaker(SEED, count_tokens)
+        text = TextMaker(SEED, count_tokens)
         system = text.system_prompt(args.history, text.tools(int(args.history * 0.4)))
         pairs: list[dict[str, Any]] = []
         with Client(daemon.socket_path, timeout=900) as client:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.textgen import TextMaker
 
 SYSTEMS = ("stateless", "mlx_lm_server", "mlxkvd")
 WORKLOADS = ("ide_chat", "restart", "many_chats", "shared_prefix")
@@ -80,7 +81,7 @@ DEFAULT_CACHE_BYTES = 2 * 1024**3  # mlxkvd's default --max-cache-bytes, given t
 HELD_CONVERSATIONS = 3  # the many_chats budget holds this many conversations
 
 
-def ide_system_prompt(text: common.TextMaker, tokens: int) -> str:
+def ide_system_prompt(text: TextMaker, tokens: int) -> str:
     # SmolLM2's chat template ignores `tools`: the tool JSON is part of the system prompt text,
     # for every system alike, so that the token counts are those of a real IDE request.
     tools = text.tools(int(tokens * 0.4))
@@ -88,7 +89,7 @@ def ide_system_prompt(text: common.TextMaker, tokens: int) -> str:
 
 
 def build_workloads(sizes: Sizes, count_tokens, bytes_per_token: float, render_len) -> dict[str, Workload]:
-    text = common.TextMaker(SEED, count_tokens)
+    text = TextMaker(SEED, count_tokens)
     system = ide_system_prompt(text, sizes.ide_system)
     users = [text.user_message(text.rng.randint(sizes.user_min, sizes.user_max)) for _ in range(sizes.ide_turns)]
     ide = Chat(system, users)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from bench import common
+from bench.textgen import TextMaker
 
 SEED = 7
 QUESTIONS = [
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     limits = [int(n) for n in args.max_tokens.split(",")]
     default_dir, _ = common.model_dirs()
     reference = common.InProcess(default_dir)
-    text = common.TextMaker(SEED, reference.count)
+    text = TextMaker(SEED, reference.count)
     daemon = common.DaemonProcess(common.short_socket_dir() / "rr.sock", workdir / "mlxkvd",
                                   workdir / "mlxkvd.log", model=default_dir).start()
     started = time.perf_counter()

@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from bench import common
+from bench.textgen import TextMaker
 
 SEED = 1000
 STORY = ("Write a long, detailed story about a lighthouse keeper who finds a map hidden in an old "
          "book. Describe every room of the lighthouse, the weather, and each step of the journey.")
 
 
-def history(text: common.TextMaker, nonce: int, history_tokens: int, count) -> list[dict[str, str]]:
+def history(text: TextMaker, nonce: int, history_tokens: int, count) -> list[dict[str, str]]:
     """System prompt + user/assistant turns of fixed text, about ``history_tokens`` in all."""
     messages = [{"role": "system", "content": f"[session {nonce:04d}] "
                  + text.system_prompt(history_tokens // 4)}]
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                 common.progress(repeats * 2, "turn_latency") as bar, \
                 common.PeakRss(lambda: daemon.pid) as rss:
             client.ask("Say hi.", max_tokens=4)  # warm-up
-            text = common.TextMaker(SEED, ref.count)
+            text = TextMaker(SEED, ref.count)
             for rep in range(repeats):
                 hist = history(text, rep, history_tokens, ref.count)
                 last_user = hist.pop()  # an assistant message: the setup turn answers the last user

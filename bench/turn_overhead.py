@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import common, models
+from bench.textgen import TextMaker
 
 SEED = 20261202
 TARGET_OVERHEAD_MS = 5.0  # mlxkvd, at the largest size; and flat across sizes
@@ -39,7 +40,7 @@ TARGET_OVERHEAD_MS = 5.0  # mlxkvd, at the largest size; and flat across sizes
 # --- workload ---------------------------------------------------------------------------------
 
 
-def history(text: common.TextMaker, target_tokens: int, user_tokens: int) -> list[dict[str, str]]:
+def history(text: TextMaker, target_tokens: int, user_tokens: int) -> list[dict[str, str]]:
     """A system prompt with tool definitions and user/assistant pairs of fixed text, about
     ``target_tokens - user_tokens`` tokens: with the first turn's user message, ~target."""
     system_tokens = min(target_tokens // 4, 2000)
@@ -61,7 +62,7 @@ def run_size(size: int, args, ref: common.InProcess, client, server: common.MlxL
     """One history size: the first turn on every system (not measured), then the cached turns,
     the three systems one after another within each turn, so that the load of this shared
     machine at that moment weighs on all of them alike."""
-    text = common.TextMaker(SEED + size, ref.count)
+    text = TextMaker(SEED + size, ref.count)
     hist = history(text, size, args.user_tokens)
     first_user = text.user_message(args.user_tokens)
     users = [text.user_message(args.user_tokens) for _ in range(args.turns)]
@@ -164,7 +165,7 @@ def summarize(turns: list[dict]) -> dict:
     return out
 
 
-def warm_up(text: common.TextMaker, ref: common.InProcess, client, server: common.MlxLmServer,
+def warm_up(text: TextMaker, ref: common.InProcess, client, server: common.MlxLmServer,
             max_tokens: int) -> None:
     """A two-turn conversation of unrelated text on every system, not measured."""
     system = text.system_prompt(200)
@@ -306,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         server.start()
         with Client(daemon.socket_path, timeout=900) as client, \
                 common.progress(len(sizes) * (3 * args.turns + 1), "turn_overhead") as bar:
-            warm_up(common.TextMaker(SEED - 1, ref.count), ref, client, server, args.max_tokens)
+            warm_up(TextMaker(SEED - 1, ref.count), ref, client, server, args.max_tokens)
             for size in sizes:
                 report["sizes"].append(run_size(size, args, ref, client, server, bar))
                 common.write_json(out / "turn_overhead.partial.json", report)
