@@ -65,7 +65,7 @@ class RunningTurn:
         self.generated: list[int] = []
         self._pending: list[int] = []  # generated ids not sent with a Text yet
         self.finish = "length"
-        self.started_at = 0.0
+        self.started_at = self.leased_at = 0.0
         self.first_token_at: float | None = None
         self.reply = Reply(runtime.tokenizer, stop=turn.stop, tool_format=turn.tool_format,
                            tools=template_tools(turn.plan.tools), prefix=turn.reply_prefix)
@@ -90,6 +90,7 @@ class RunningTurn:
         """Lease the cache and send ``Started``; ``refresh`` updates the status snapshot."""
         self.started_at = time.perf_counter()
         self.lease = self._store.lease(self.key, self.prompt, reserve_bytes=self.reserve_bytes)
+        self.leased_at = time.perf_counter()
         refresh()  # the status shows the reservation while the turn runs
         lookup = self.lease.lookup
         self.cache = lookup.cache if lookup.cache is not None else self._rt.make_cache()
@@ -162,10 +163,12 @@ class RunningTurn:
         )
         log.info(
             "turn conversation=%s revision=%d prompt=%d reused=%d source=%s prefilled=%d "
-            "generated=%d finish=%s ttft=%.3fs prefill=%.0ftok/s decode=%.1ftok/s",
+            "generated=%d finish=%s ttft=%.3fs (queue %.1f ms, lease %.1f ms) prefill=%.0ftok/s "
+            "decode=%.1ftok/s",
             self.key or "-", revision, len(prompt), self.cached, self.lease.lookup.source,
-            len(prompt) - self.cached, len(generated), self.finish,
-            finished.time_to_first_token_s, finished.prefill_tokens_per_s, finished.decode_tokens_per_s,
+            len(prompt) - self.cached, len(generated), self.finish, finished.time_to_first_token_s,
+            finished.queue_s * 1000, (self.leased_at - self.started_at) * 1000,
+            finished.prefill_tokens_per_s, finished.decode_tokens_per_s,
         )
         turn.events.put(finished)
         # After the reply is out: an eviction this causes may write to disk.
