@@ -33,6 +33,9 @@ ROUTES = [
     ("GET", "/v1/models", "openai"),
     ("GET", f"/v1/models/{httpd.MODEL}", "openai"),
     ("POST", "/v1/chat/completions", "openai"),
+    ("POST", "/v1/responses", "openai"),
+    ("GET", "/v1/responses/resp_1", "openai"),
+    ("DELETE", "/v1/responses/resp_1", "openai"),
     ("POST", "/v1/messages", "anthropic"),
     ("POST", "/v1/messages/count_tokens", "anthropic"),
     ("GET", "/no/such/route", "openai"),
@@ -67,7 +70,7 @@ def assert_shape(api: str, body: dict, error_type: str) -> str:
 
 def test_malformed_json_is_400_in_each_shape(served):
     auth = {"Authorization": f"Bearer {served.key}"}
-    for path, api in [("/v1/chat/completions", "openai"), ("/v1/messages", "anthropic"),
+    for path, api in [("/v1/chat/completions", "openai"), ("/v1/responses", "openai"), ("/v1/messages", "anthropic"),
                       ("/v1/messages/count_tokens", "anthropic")]:
         for body in (b'{"model": ', b"[1, 2]"):
             status, reply = served.request("POST", path, body, auth)
@@ -118,6 +121,9 @@ def test_body_over_the_cap_is_413(served):
         oai(served).chat.completions.create(model=httpd.MODEL, messages=big, max_tokens=4)
     assert caught.value.status_code == 413
     assert_shape("openai", caught.value.response.json(), "request_too_large")
+    with pytest.raises(openai.APIStatusError) as caught:
+        oai(served).responses.create(model=httpd.MODEL, input=big, max_output_tokens=4)
+    assert caught.value.status_code == 413
     with pytest.raises(anthropic.ContentTooLargeError) as caught:
         ant(served).messages.create(model=httpd.MODEL, messages=big, max_tokens=4)
     assert_shape("anthropic", caught.value.response.json(), "request_too_large")
@@ -136,6 +142,9 @@ def test_context_overflow_is_400_with_a_clear_message(served):
     long = [{"role": "user", "content": "hello " * 10_000}]  # over 8192 tokens, under the 64 KiB cap
     with pytest.raises(openai.BadRequestError, match="context window is 8192") as caught:
         oai(served).chat.completions.create(model=httpd.MODEL, messages=long, max_tokens=4)
+    assert caught.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError, match="context window is 8192") as caught:
+        oai(served).responses.create(model=httpd.MODEL, input=long, max_output_tokens=4, stream=True)
     assert caught.value.code == "context_length_exceeded"
     with pytest.raises(anthropic.BadRequestError, match="context window is 8192"):
         ant(served).messages.create(model=httpd.MODEL, messages=long, max_tokens=4, stream=True)

@@ -7,5 +7,6 @@ whole history, and ``Turns.submit_stateless`` maps it to the stored conversation
 Modules: ``server`` (the listening address and the uvicorn thread), ``app`` (the Starlette app:
 API key, body cap, routes, errors), ``auth`` (the key file), ``errors`` (one table of errors, in
 each API's shape), ``gateway`` (what both APIs share: model identity, limits, turns as async
-events), ``fields`` (typed access to a JSON body), ``openai_api``, ``anthropic_api``.
+events), ``fields`` (typed access to a JSON body), ``openai_api`` (Chat Completions),
+``responses_api`` (Responses), ``anthropic_api``.
 """

@@ -24,6 +24,7 @@ from .auth import authorized, presented_keys
 from .errors import ANTHROPIC, METHOD_NOT_ALLOWED, NOT_FOUND, OPENAI, UNAUTHORIZED, HttpError, error_response
 from .gateway import ClientGone, Gateway
 from .openai_api import OpenAIApi
+from .responses_api import ResponsesApi
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the response
 
@@ -92,6 +93,7 @@ def create_app(gateway: Gateway, api_key: str) -> ASGIApp:
             Route("/v1/models", models, methods=["GET"]),
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             *openai.routes(),
+            *ResponsesApi(gateway).routes(),
             *anthropic.routes(),
         ],
         exception_handlers={cls: on_error for cls in (HttpError, MlxkvError, ClientGone, HTTPException, Exception)},
