@@ -24,6 +24,7 @@ SYSTEM = "You are a concise assistant."
 QUESTIONS = ["Name a primary colour.", "Name another one.", "Which fruit is yellow?", "Say goodbye."]
 MAX_TOKENS = 12
 SLACK = 8  # template tokens a re-render may rewrite (the end of the previous reply)
+TOOLS_DROPPED = "X-Mlxkv-Tools-Dropped"  # the request's tools that cannot run here
 
 
 @pytest.fixture(scope="module")
@@ -149,10 +150,16 @@ def test_max_output_tokens_makes_an_incomplete_response(served):
     assert events[-1].response.output_text == response.output_text
 
 
+@pytest.mark.parametrize("namespaced", [False, True], ids=["function", "namespace"])
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
-def test_tool_round_trip_reuses_the_cache(tools_served, tools_reference, stream):
+def test_tool_round_trip_reuses_the_cache(tools_served, tools_reference, stream, namespaced):
+    """As Codex sends them: function tools, some grouped in a namespace, and web search, which
+    cannot run here and is dropped (said in a header)."""
     client = sdk(tools_served)
     tools = [{"type": "function", **t} for t in toolchat.TOOLS]
+    if namespaced:
+        tools = [{"type": "namespace", "name": "weather", "description": "Weather tools.", "tools": tools}]
+    tools.append({"type": "web_search", "external_web_access": False})
     history = toolchat.history()
     items: list[dict] = []
     for m in history[1:]:
@@ -164,12 +171,16 @@ def test_tool_round_trip_reuses_the_cache(tools_served, tools_reference, stream)
         else:
             items.append({"role": m["role"], "content": m["content"]})
     items.append({"role": "user", "content": toolchat.QUESTION})
-    options = {"instructions": history[0]["content"], "tools": tools, "user": f"responses-tools-{stream}"}
+    options = {"instructions": history[0]["content"], "tools": tools,
+               "user": f"responses-tools-{stream}-{namespaced}"}
 
+    raw = client.responses.with_raw_response.create(model=httpd.MODEL, input=items, max_output_tokens=2, **options)
+    assert raw.headers[TOOLS_DROPPED] == "web_search"
     called, _ = respond(client, stream=stream, input=items, max_output_tokens=40, **options)
     assert called.status == "completed"
     [call] = [item for item in called.output if item.type == "function_call"]
     assert call.name == "get_weather"
+    assert call.namespace == ("weather" if namespaced else None)
     assert json.loads(call.arguments) == {"city": "Paris"}
 
     items += as_input(called.output) + [{"type": "function_call_output", "call_id": call.call_id,
@@ -187,7 +198,6 @@ def test_tool_round_trip_reuses_the_cache(tools_served, tools_reference, stream)
     ({"input": [{"type": "item_reference", "id": "x"}]}, 400, "item_reference"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "text only"),
     ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, 400, "json_schema"),
-    ({"input": "Hi", "tools": [{"type": "web_search"}]}, 400, "only function tools"),
     ({"input": "Hi", "tool_choice": "required"}, 400, "needs tools"),
     ({"input": "Hi", "previous_response_id": "resp_unknown"}, 404, "no response"),
     ({"input": "Hi", "model": "gpt-5"}, 404, "does not exist"),

@@ -4,7 +4,10 @@ the wire API of Codex and of the SDK's ``client.responses``.
 A request's ``input`` items become the daemon's messages: a ``message`` item by its role
 ("developer" is "system"), ``function_call`` items the ``tool_calls`` of the assistant message
 before them (or of a new one), ``function_call_output`` items "tool" messages, ``reasoning``
-items nothing (this daemon makes none). ``instructions`` is the system message, and is not
+items nothing (this daemon makes none; nor does it run hosted tools, whose call items are
+skipped too). Function tools reach the model, those grouped in ``namespace`` tools too (see
+``Tools``); tools of other types are dropped and named in the ``X-Mlxkv-Tools-Dropped`` response
+header (Codex sends web search on by default). ``instructions`` is the system message, and is not
 carried over to a later response, as OpenAI's is not. The reply is a ``message`` item (its
 text) followed by one ``function_call`` item per call; sent back as input they make the stored
 assistant message again, so a resent history continues its conversation's cache.
@@ -20,6 +23,7 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import lru
@@ -38,6 +42,10 @@ KEPT_RESPONSES = 256
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 TEXT_PARTS = ("input_text", "output_text", "text")
 SKIPPED_ITEMS = ("reasoning",)
+# Calls of hosted tools (never made here) that a client may send back: nothing for the model.
+HOSTED_CALL_ITEMS = ("web_search_call", "file_search_call", "code_interpreter_call", "image_generation_call")
+# Response header naming the request's tools that cannot run here (see ``Tools``).
+TOOLS_DROPPED_HEADER = "X-Mlxkv-Tools-Dropped"
 
 
 def _content(content: Any, where: str) -> str:
@@ -61,7 +69,7 @@ def _content(content: Any, where: str) -> str:
     return "".join(texts)
 
 
-def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+def input_messages(body: dict[str, Any], tools: "Tools") -> list[dict[str, Any]]:
     """The request's ``input`` in the daemon's message shape."""
     value = body.get("input")
     if isinstance(value, str):
@@ -76,8 +84,9 @@ def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 raise invalid(f"{where}.role must be one of {', '.join(ROLES)}", param=f"{where}.role")
             out.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
-            call = fields.tool_call(fields.get(item, "call_id", str, "", where=where),
-                                    fields.get(item, "name", str, "", where=where),
+            name = tools.visible_name(fields.get(item, "name", str, "", where=where),
+                                      fields.get(item, "namespace", str, where=where))
+            call = fields.tool_call(fields.get(item, "call_id", str, "", where=where), name,
                                     fields.get(item, "arguments", str, "", where=where), where)
             last = out[-1] if out else None
             if last is None or last["role"] != "assistant":
@@ -87,7 +96,7 @@ def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         elif kind == "function_call_output":
             out.append({"role": "tool", "tool_call_id": fields.get(item, "call_id", str, "", where=where),
                         "content": _content(item.get("output"), f"{where}.output")})
-        elif kind in SKIPPED_ITEMS:
+        elif kind in SKIPPED_ITEMS or kind in HOSTED_CALL_ITEMS:
             continue
         else:
             raise invalid(f"{where}.type {kind!r} is not supported (message, function_call, "
@@ -95,14 +104,60 @@ def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def tools(body: dict[str, Any]) -> list[dict[str, Any]]:
-    out = []
-    for i, t in enumerate(fields.objects(body, "tools")):
-        where = f"tools[{i}]"
-        if t.get("type") != "function":
-            raise invalid(f"{where}.type {t.get('type')!r} is not supported (only function tools)", param=where)
-        out.append(fields.tool(t, where, "parameters"))
-    return out
+@dataclass
+class Tools:
+    """A request's tools as the model sees them: function tools, and those of ``namespace``
+    tools under their own names (qualified ``namespace.name`` only where two would clash);
+    ``namespaces`` maps such a visible name back to its (namespace, name). Tools of other types
+    (hosted ones such as web search, custom grammars) cannot run here: they are ``dropped``
+    and named in a response header."""
+
+    specs: list[dict[str, Any]] = field(default_factory=list)
+    namespaces: dict[str, tuple[str, str]] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, body: dict[str, Any]) -> "Tools":
+        out = cls()
+        for i, t in enumerate(fields.objects(body, "tools")):
+            where = f"tools[{i}]"
+            if t.get("type") == "function":
+                out._add(t, where)
+            elif t.get("type") == "namespace":
+                namespace = fields.get(t, "name", str, where=where, required=True)
+                for j, inner in enumerate(fields.objects(t, "tools", where=where)):
+                    if inner.get("type") == "function":
+                        out._add(inner, f"{where}.tools[{j}]", namespace)
+                    else:
+                        out.dropped.append(f"{namespace}.{inner.get('type')}")
+            else:
+                out.dropped.append(str(t.get("type")))
+        return out
+
+    def _add(self, spec: dict[str, Any], where: str, namespace: str | None = None) -> None:
+        tool = fields.tool(spec, where, "parameters")
+        if namespace is not None:
+            name = tool["name"]
+            if any(t["name"] == name for t in self.specs):
+                tool["name"] = f"{namespace}.{name}"
+            self.namespaces[tool["name"]] = (namespace, name)
+        self.specs.append(tool)
+
+    def visible_name(self, name: str, namespace: str | None) -> str:
+        """The name the model knows a (namespace, name) tool by."""
+        if namespace is None:
+            return name
+        for visible, key in self.namespaces.items():
+            if key == (namespace, name):
+                return visible
+        return f"{namespace}.{name}"
+
+    def call_item(self, call: ToolCall, status: str) -> dict[str, Any]:
+        """A call as a ``function_call`` output item (its namespace apart, if it has one)."""
+        namespace, name = self.namespaces.get(call.name, (None, call.name))
+        item = {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
+                "name": name, "arguments": call.arguments if status == "completed" else "", "status": status}
+        return item if namespace is None else {**item, "namespace": namespace}
 
 
 def tool_choice(body: dict[str, Any], has_tools: bool) -> str:
@@ -149,17 +204,12 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
 
-def _call_item(call: ToolCall, status: str) -> dict[str, Any]:
-    return {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id,
-            "name": call.name, "arguments": call.arguments if status == "completed" else "", "status": status}
-
-
-def _output(message_id: str, finished: Finished) -> list[dict[str, Any]]:
+def _output(message_id: str, finished: Finished, tools: Tools) -> list[dict[str, Any]]:
     """The reply's output items: its text (if any, or if there is nothing else), then its calls."""
     items = []
     if finished.text or not finished.tool_calls:
         items.append(_message_item(message_id, finished.text, "completed"))
-    return items + [_call_item(c, "completed") for c in finished.tool_calls]
+    return items + [tools.call_item(c, "completed") for c in finished.tool_calls]
 
 
 def _reply_message(finished: Finished) -> dict[str, Any]:
@@ -206,20 +256,20 @@ class ResponsesApi:
         _check_unsupported(body)
         previous_id = fields.get(body, "previous_response_id", str)
         history = list(self._kept_response(previous_id, "previous_response_id")[1]) if previous_id else []
-        history += input_messages(body)
+        tool_set = Tools.of(body)
+        history += input_messages(body, tool_set)
         instructions = fields.get(body, "instructions", str)
         messages = ([{"role": "system", "content": instructions}] if instructions else []) + history
-        tool_list = tools(body)
         stream = fields.get(body, "stream", bool, False)
         session = fields.get(body, "prompt_cache_key", str) or fields.get(body, "user", str) or ""
         temperature = fields.get(body, "temperature", float, 1.0)
         top_p = fields.get(body, "top_p", float, 1.0)
         turn = await gw.submit(
-            "openai:" + session, messages, tool_list,
+            "openai:" + session, messages, tool_set.specs,
             sampling=gw.sampling(temperature, top_p),
             max_tokens=gw.max_tokens(fields.get(body, "max_output_tokens", int)),
             stop=(),
-            tool_choice=tool_choice(body, bool(tool_list)),
+            tool_choice=tool_choice(body, bool(tool_set.specs)),
         )
         head = {
             "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
@@ -236,11 +286,15 @@ class ResponsesApi:
         message_id = "msg_" + uuid.uuid4().hex
         if stream:
             started = await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))
-            return gw.stream(turn, started, self._events(turn, head, message_id, history))
-        events = await gw.collect(request, turn)
-        started, finished = events[0], events[-1]
-        response = self._finish(head, _output(message_id, finished), finished, history)
-        return JSONResponse(response, headers=turn_headers(started))
+            response = gw.stream(turn, started, self._events(turn, head, message_id, history, tool_set))
+        else:
+            events = await gw.collect(request, turn)
+            started, finished = events[0], events[-1]
+            response = JSONResponse(self._finish(head, _output(message_id, finished, tool_set), finished, history),
+                                    headers=turn_headers(started))
+        if tool_set.dropped:
+            response.headers[TOOLS_DROPPED_HEADER] = ",".join(tool_set.dropped)
+        return response
 
     def _finish(self, head: dict[str, Any], output: list[dict[str, Any]], finished: Finished,
                 history: list) -> dict[str, Any]:
@@ -253,7 +307,8 @@ class ResponsesApi:
             self._kept[head["id"]] = (response, [*history, _reply_message(finished)])
         return response
 
-    async def _events(self, turn: Turn, head: dict[str, Any], message_id: str, history: list) -> AsyncIterator[bytes]:
+    async def _events(self, turn: Turn, head: dict[str, Any], message_id: str, history: list,
+                      tools: Tools) -> AsyncIterator[bytes]:
         """The turn as Responses stream events: the response, then the message item as its text
         comes, a function_call item per call, and the response's end."""
         sequence = 0
@@ -296,13 +351,13 @@ class ResponsesApi:
                 if isinstance(item, Text) and item.tool_calls:
                     for call in item.tool_calls:
                         index = next(indices)
-                        added = _call_item(call, "in_progress")
+                        added = tools.call_item(call, "in_progress")
                         yield event("response.output_item.added", output_index=index, item=added)
                         yield event("response.function_call_arguments.delta", item_id=added["id"],
                                     output_index=index, delta=call.arguments)
                         yield event("response.function_call_arguments.done", item_id=added["id"],
                                     output_index=index, name=call.name, arguments=call.arguments)
-                        done[index] = _call_item(call, "completed")
+                        done[index] = tools.call_item(call, "completed")
                         yield event("response.output_item.done", output_index=index, item=done[index])
                 elif isinstance(item, Finished):
                     if message_index is None and not item.tool_calls:
