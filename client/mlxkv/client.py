@@ -101,6 +101,10 @@ class Client:
         request = pb.DeleteConversationRequest(conversation_id=conversation_id)
         return self._unary(self._stub.DeleteConversation, request)
 
+    def warm(self, request: pb.WarmRequest) -> pb.WarmResponse:
+        """Prefill a draft of a conversation's next turn (see ``Conversation.warm``)."""
+        return self._unary(self._stub.Warm, request)
+
     def wait_ready(self, timeout: float = 30.0) -> pb.Status:
         """Wait until the daemon answers GetStatus; returns the status.
 

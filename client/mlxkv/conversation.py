@@ -232,6 +232,39 @@ class Conversation:
         texts = self.stream(content, role=role, extra_messages=extra_messages, on_restart=on_restart, **options)
         return self._drain(texts, on_text)
 
+    def warm(
+        self,
+        content: str,
+        *,
+        role: str = "user",
+        extra_messages: Sequence[Mapping[str, Any]] | None = None,
+    ) -> pb.WarmResponse:
+        """Prefill a draft of the next message (what the user has typed so far) so that
+        sending it costs only what changed since: the daemon generates nothing and keeps no
+        revision. Blocks until the draft is prefilled; call it from a background thread as
+        the user types: a newer warm-up supersedes an older one still running
+        (``superseded`` in its answer), and so does the next turn. Returns the token counts
+        (``prompt_tokens``, ``cached_tokens``, ``prefilled_tokens``)."""
+        new = [dict(m) for m in extra_messages or ()] + [{"role": role, "content": content}]
+        for message in new:
+            message_to_proto(message)
+        reset = self._needs_reset or not self.conversation_id
+        for _ in range(2):
+            request = pb.WarmRequest(
+                conversation_id=self.conversation_id,
+                messages=[message_to_proto(m) for m in (self.messages + new if reset else new)],
+                reset=reset,
+                base_revision=0 if reset else self.revision,
+                tools=[tool_to_proto(t) for t in self.tools] if reset else [],
+            )
+            try:
+                return self._client.warm(request)
+            except MlxkvError as err:
+                if err.code != grpc.StatusCode.FAILED_PRECONDITION or reset:
+                    raise
+                reset = True  # the daemon lost the conversation: warm the whole history
+        raise AssertionError("unreachable")
+
     def send_tool_results(
         self,
         results: Sequence[Mapping[str, Any]],

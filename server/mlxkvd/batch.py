@@ -224,6 +224,7 @@ class BatchMode:
 
     _batch: Batch | None
     _waiting: collections.deque[Turn]
+    _deferred: collections.deque[Turn]
 
     def _hand_over(self, run: RunningTurn, held: list[int], new: list[int]) -> None:
         """The serial turn becomes the first row of a batch; the waiting turns join it."""
@@ -242,6 +243,8 @@ class BatchMode:
                 break
             if item is None:
                 self._stopping_seen = True
+            elif isinstance(item, Turn) and item.warm:
+                self._deferred.append(item)  # warm-ups wait for the batch to empty
             elif isinstance(item, Turn):
                 self._waiting.append(item)
             else:

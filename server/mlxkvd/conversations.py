@@ -94,31 +94,48 @@ class ConversationRegistry:
                         f"conversation {conversation_id!r} already has a turn in flight"
                     )
                 self._released.wait(remaining)
-            record = self._records.get(conversation_id)
-            previous = record.prompt if record is not None else None
-            if reset:
-                revision = record.revision if record is not None else 0
-                plan = TurnPlan(conversation_id, list(messages), list(tools), revision, previous)
-            elif record is None:
-                raise StaleRevisionError(
-                    f"unknown conversation {conversation_id!r}: resend the history with reset"
-                )
-            elif record.revision != base_revision:
-                raise StaleRevisionError(
-                    f"conversation {conversation_id!r} is at revision {record.revision}, "
-                    f"not {base_revision}: resend the history with reset"
-                )
-            else:
-                plan = TurnPlan(
-                    conversation_id,
-                    record.messages + list(messages),
-                    list(tools) if tools else list(record.tools),
-                    record.revision,
-                    previous,
-                    continues=True,
-                )
+            plan = self._plan(conversation_id, messages, tools, reset, base_revision)
             self._busy[conversation_id] = _Claim(plan)
             return plan
+
+    def plan_draft(
+        self, conversation_id: str, messages: list[Message], tools: list[dict[str, Any]], *, reset: bool,
+        base_revision: int,
+    ) -> TurnPlan:
+        """The history a draft of the next turn renders (a warm-up), checked as ``begin_turn``
+        checks a turn's, without claiming the conversation: nothing will be committed.
+        ConversationBusyError while a turn is in flight (its cache is out)."""
+        with self._lock:
+            if conversation_id in self._busy:
+                raise ConversationBusyError(f"conversation {conversation_id!r} has a turn in flight")
+            return self._plan(conversation_id, messages, tools, reset, base_revision)
+
+    def _plan(
+        self, conversation_id: str, messages: list[Message], tools: list[dict[str, Any]], reset: bool,
+        base_revision: int,
+    ) -> TurnPlan:
+        record = self._records.get(conversation_id)
+        previous = record.prompt if record is not None else None
+        if reset:
+            revision = record.revision if record is not None else 0
+            return TurnPlan(conversation_id, list(messages), list(tools), revision, previous)
+        if record is None:
+            raise StaleRevisionError(
+                f"unknown conversation {conversation_id!r}: resend the history with reset"
+            )
+        if record.revision != base_revision:
+            raise StaleRevisionError(
+                f"conversation {conversation_id!r} is at revision {record.revision}, "
+                f"not {base_revision}: resend the history with reset"
+            )
+        return TurnPlan(
+            conversation_id,
+            record.messages + list(messages),
+            list(tools) if tools else list(record.tools),
+            record.revision,
+            previous,
+            continues=True,
+        )
 
     def commit_turn(self, plan: TurnPlan, reply: Message, prompt: Prompt | None = None) -> int:
         """Record a completed turn (``prompt``: what it rendered); returns the new revision.

@@ -36,6 +36,7 @@ from .errors import ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
 from .runtime import ModelRuntime
 from .store import CacheStore
+from .warmup import WarmUpMode
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,10 @@ class _Task:
     future: Future | None = None
 
 
-class Engine(BatchMode):
+class Engine(BatchMode, WarmUpMode):
     """Owns the model runtime and the cache store; runs a lone turn serially, concurrent
-    turns as rows of a batch (batch mode: ``batch.BatchMode``)."""
+    turns as rows of a batch (batch mode: ``batch.BatchMode``), warm-ups below turns
+    (``warmup.WarmUpMode``)."""
 
     def __init__(
         self,
@@ -90,6 +92,8 @@ class Engine(BatchMode):
             log.info("this model's caches cannot be batched: concurrent turns run one at a time")
         self._batch = None  # the rows decoding together, in batch mode
         self._waiting: collections.deque[Turn] = collections.deque()  # turns not admitted yet
+        self._deferred: collections.deque[Turn] = collections.deque()  # warm-ups set aside
+        self._warm_cached: dict[int, int] = {}
         self._stopping_seen = False
         self.counters = Counters()
         self._queue: "queue.Queue[Turn | _Task | None]" = queue.Queue()
@@ -228,7 +232,9 @@ class Engine(BatchMode):
             item = self._next_item()
             if item is None:
                 return
-            if isinstance(item, Turn):
+            if isinstance(item, Turn) and item.warm:
+                self._run_warm(item)
+            elif isinstance(item, Turn):
                 self._run_serial(item)
                 self._refresh_snapshot()
             else:
@@ -252,6 +258,8 @@ class Engine(BatchMode):
         """Fail everything still queued: the engine takes no more work."""
         with self._accepting:
             self._stopping.set()
+            while self._deferred:
+                self._end_warm(self._deferred.popleft(), Failed(ShuttingDownError("the daemon is shutting down")))
             while True:
                 try:
                     item = self._queue.get_nowait()
@@ -272,6 +280,9 @@ class Engine(BatchMode):
         The delays count from the end of the last turn, not of the last task: a task must not
         keep postponing them."""
         while True:
+            if self._deferred:  # queued work first, else the oldest warm-up set aside
+                item = self._wait(0)
+                return item if item is not _EMPTY else self._deferred.popleft()
             if self._room_for is not None:
                 item = self._wait(0)
                 if item is not _EMPTY:
@@ -436,5 +447,4 @@ class Engine(BatchMode):
 
     def _turn_waiting(self) -> bool:
         """Whether a turn waits in the queue and could join this one in a batch."""
-        return self.max_batch > 1 and self._queue.qsize() > 0 and self._batchable and any(
-            isinstance(item, Turn) for item in list(self._queue.queue))
+        return self.max_batch > 1 and self._queue.qsize() > 0 and self._batchable and self._turn_queued()

@@ -1,5 +1,6 @@
 """What the engine takes and gives: a ``Turn`` in, its events out (``Started``, then ``Text``
-any number of times, then ``Finished`` or ``Failed``), on the turn's own queue."""
+any number of times, then ``Finished`` or ``Failed``), on the turn's own queue. A warm-up is a
+``Turn`` too (``warm``): its one event is ``Warmed`` or ``Failed``."""
 
 from __future__ import annotations
 
@@ -49,6 +50,14 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Warmed:
+    prompt_tokens: int
+    cached_tokens: int  # in the cache when the warm-up started
+    prefilled_tokens: int
+    superseded: bool  # stopped early: a newer warm-up, a turn of the conversation, a cancel
+
+
+@dataclass(frozen=True)
 class Failed:
     error: BaseException
 
@@ -68,6 +77,7 @@ class Turn:
     tool_format: ToolFormat | None = None  # where tool calls are looked for (None: they are not)
     reply_prefix: str = ""  # the end of the prompt that is the reply's start (a forced call)
     tools_ignored: bool = False
+    warm: bool = False  # a warm-up: prefill the prompt, generate nothing, commit nothing
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)

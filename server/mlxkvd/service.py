@@ -42,7 +42,7 @@ def validate_conversation_id(conversation_id: str, *, allow_empty: bool) -> None
         raise InvalidRequestError("conversation_id must not contain control characters or NUL")
 
 
-def _messages(request: pb.GenerateRequest) -> list[dict[str, Any]]:
+def _messages(request: pb.GenerateRequest | pb.WarmRequest) -> list[dict[str, Any]]:
     """The request's messages as dicts in the shape chat templates take: tool-call arguments
     as objects (``turns.check_messages`` checks the rest)."""
     out = [message_from_proto(m) for m in request.messages]
@@ -61,7 +61,7 @@ def _tool_call_pb(call: ToolCall) -> pb.ToolCall:
     return pb.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments)
 
 
-def _tools(request: pb.GenerateRequest) -> list[dict[str, Any]]:
+def _tools(request: pb.GenerateRequest | pb.WarmRequest) -> list[dict[str, Any]]:
     tools = []
     for i, t in enumerate(request.tools):
         if not t.name:
@@ -209,6 +209,26 @@ class InferenceService(pb_grpc.InferenceServicer):
             yield _event_pb(event, request.conversation_id)
             if isinstance(event, Finished):
                 return
+
+    def Warm(self, request: pb.WarmRequest, context: grpc.ServicerContext) -> pb.WarmResponse:
+        started = time.perf_counter()
+        try:
+            validate_conversation_id(request.conversation_id, allow_empty=False)
+            turn = self.turns.warm(request.conversation_id, _messages(request), _tools(request),
+                                   reset=request.reset, base_revision=request.base_revision)
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        if not context.add_callback(turn.cancel):
+            turn.cancel()
+        try:
+            warmed = self.turns.wait_warm(turn)
+        except Exception as exc:  # noqa: BLE001 - every failure is a status
+            code = status_code(exc)
+            context.abort(code, str(exc) if code != grpc.StatusCode.INTERNAL else
+                          f"internal error: {type(exc).__name__}: {exc}")
+        return pb.WarmResponse(prompt_tokens=warmed.prompt_tokens, cached_tokens=warmed.cached_tokens,
+                               prefilled_tokens=warmed.prefilled_tokens, superseded=warmed.superseded,
+                               total_s=time.perf_counter() - started)
 
     def GetConversation(self, request, context):
         try:

@@ -7,17 +7,25 @@ the registry, rendered by the chat template and tokenized on the calling handler
 what changed since the conversation's last prompt is tokenized, see ``prompt.py``), a prompt
 that cannot fit the model's context is refused, tool choice is applied, and the engine gets a
 ``Turn`` ready to run. A refused turn releases its claim.
+
+A warm-up (``warm``) is planned the same way, from a draft of the next turn, without claiming
+the conversation (it commits nothing). A newer warm-up of a conversation, or a turn of it,
+supersedes (cancels) the warm-up of it still running: the turn's lease then comes after the
+warm-up has checked its cache in, on the one engine thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from typing import Any, Sequence
 
+from . import params
 from .conversations import ConversationRegistry, TurnPlan
 from .engine import Engine, Turn
 from .errors import ContextOverflowError, ConversationBusyError, InvalidRequestError, StaleRevisionError
+from .events import Failed, Warmed
 from .runtime import Sampling
 from .sessions import Sessions, new_conversation_id
 
@@ -56,6 +64,8 @@ class Turns:
         self.engine = engine
         self.registry = registry
         self.sessions = Sessions(registry)
+        self._warm_ups: dict[str, Turn] = {}  # conversation id -> its warm-up in flight
+        self._warm_lock = threading.Lock()
 
     def submit(
         self,
@@ -78,6 +88,7 @@ class Turns:
         if one_shot:
             plan = TurnPlan("", list(messages), list(tools), 0)
         else:
+            self._supersede(conversation_id)
             plan = self.registry.begin_turn(
                 conversation_id, messages, tools, reset=reset, base_revision=base_revision
             )
@@ -116,6 +127,59 @@ class Turns:
         self.sessions.remember(session, conversation_id)
         return submitted
 
+    def warm(
+        self,
+        conversation_id: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        *,
+        reset: bool,
+        base_revision: int,
+    ) -> Turn:
+        """Submit a warm-up of a draft of the conversation's next turn: ``messages`` and the
+        rest as ``submit`` takes them (``conversation_id`` empty: an anonymous one, whose cache
+        a later conversation can start from). ``wait_warm`` gives its outcome."""
+        check_messages(messages)
+        if conversation_id:
+            plan = self.registry.plan_draft(conversation_id, messages, tools, reset=reset,
+                                            base_revision=base_revision)
+        else:
+            plan = TurnPlan("", list(messages), list(tools), 0)
+        turn = self._prepare(plan, params.sampling(), 1, (), not conversation_id, "auto", warm=True)
+        if conversation_id:
+            self._supersede(conversation_id, turn)
+        self.engine.submit(turn)
+        return turn
+
+    def warm_stateless(self, session: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Turn:
+        """A warm-up for an API that resends the whole history: onto the session's
+        conversation that stored the draft's beginning, else an anonymous one."""
+        check_messages(messages)
+        found = self.sessions.find(session, messages, tools)
+        if found is None:
+            return self.warm("", messages, tools, reset=True, base_revision=0)
+        return self.warm(found.conversation_id, messages[found.stored:], tools, reset=False,
+                         base_revision=found.revision)
+
+    def wait_warm(self, turn: Turn) -> Warmed:
+        """The warm-up's outcome, once it has ended; raises its error if it failed."""
+        event = turn.events.get()
+        with self._warm_lock:
+            if self._warm_ups.get(turn.plan.conversation_id) is turn:
+                del self._warm_ups[turn.plan.conversation_id]
+        if isinstance(event, Failed):
+            raise event.error
+        return event
+
+    def _supersede(self, conversation_id: str, by: Turn | None = None) -> None:
+        """Cancel the conversation's warm-up in flight, if any; ``by`` is the new one."""
+        with self._warm_lock:
+            old = self._warm_ups.pop(conversation_id, None)
+            if by is not None:
+                self._warm_ups[conversation_id] = by
+        if old is not None:
+            old.cancel()
+
     def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
         """Tokens of the prompt these messages render to (with the generation prompt)."""
         check_messages(messages)
@@ -140,7 +204,7 @@ class Turns:
 
     def _prepare(
         self, plan: TurnPlan, sampling: Sampling, max_tokens: int, stop: tuple[str, ...], one_shot: bool,
-        tool_choice: str,
+        tool_choice: str, *, warm: bool = False,
     ) -> Turn:
         runtime = self.engine.runtime
         renderer = runtime.renderer
@@ -160,7 +224,7 @@ class Turns:
                 f"the prompt has {len(prompt)} tokens; the model's context window is {limit}"
             )
         boundary = None
-        if runtime.needs_checkpoints and not one_shot:
+        if runtime.needs_checkpoints and not one_shot and not warm:
             # Where the generation prompt starts: a copy of the cache there lets a regenerated
             # or rewritten reply cost only that reply (for caches that cannot be trimmed).
             head = renderer.render(
@@ -171,7 +235,7 @@ class Turns:
         parse = plan.tools and tool_choice != "none" and not tools_ignored
         return Turn(plan, prompt, sampling, max_tokens, stop, one_shot=one_shot, boundary=boundary,
                     tool_format=runtime.tool_format if parse else None, reply_prefix=forced,
-                    tools_ignored=tools_ignored)
+                    tools_ignored=tools_ignored, warm=warm)
 
     def _forced_call(self, tool_choice: str, tools: list[dict[str, Any]], tools_ignored: bool) -> str:
         """The text a reply must start with for ``tool_choice`` ("" when it is free)."""

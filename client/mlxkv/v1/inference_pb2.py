@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mlxkv/v1/inference.proto\x12\x08mlxkv.v1\"t\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12&\n\ntool_calls\x18\x05 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"}\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x8b\x02\n\x0fGenerateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.mlxkv.v1.Message\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x15\n\rbase_revision\x18\x04 \x01(\x04\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.mlxkv.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1d\n\x05tools\x18\x08 \x03(\x0b\x32\x0e.mlxkv.v1.Tool\x12\x13\n\x0btool_choice\x18\t \x01(\tB\r\n\x0b_max_tokens\"\xc5\x01\n\x05Start\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12+\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x15.mlxkv.v1.CacheSource\x12\x16\n\x0eprefill_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63\x61\x63he_miss_reason\x18\x06 \x01(\t\x12\x15\n\rtools_ignored\x18\x07 \x01(\x08\"P\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"h\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\x85\x01\n\x07Timings\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\xc1\x01\n\x04\x44one\x12-\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x16.mlxkv.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.mlxkv.v1.Usage\x12\"\n\x07timings\x18\x03 \x01(\x0b\x32\x11.mlxkv.v1.Timings\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x0c\n\x04text\x18\x05 \x01(\t\x12&\n\ntool_calls\x18\x06 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"\x7f\n\x10GenerateResponse\x12 \n\x05start\x18\x01 \x01(\x0b\x32\x0f.mlxkv.v1.StartH\x00\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.mlxkv.v1.DeltaH\x00\x12\x1e\n\x04\x64one\x18\x03 \x01(\x0b\x32\x0e.mlxkv.v1.DoneH\x00\x42\x07\n\x05\x65vent\"1\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xde\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12#\n\x08messages\x18\x03 \x03(\x0b\x32\x11.mlxkv.v1.Message\x12\x1d\n\x05tools\x18\x04 \x03(\x0b\x32\x0e.mlxkv.v1.Tool\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12\x12\n\ncache_tier\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"\x1a\n\x18ListConversationsRequest\"J\n\x19ListConversationsResponse\x12-\n\rconversations\x18\x01 \x03(\x0b\x32\x16.mlxkv.v1.Conversation\"4\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse\"\x12\n\x10GetStatusRequest\"\x86\x01\n\tCacheTier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x17\n\x0fin_flight_bytes\x18\x07 \x01(\x04\"\x9d\x03\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\x04\x12\x14\n\x0ctokens_saved\x18\n \x01(\x04\x12\x18\n\x10tokens_prefilled\x18\x0b \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0c \x01(\x04\x12(\n\x0b\x63\x61\x63he_tiers\x18\r \x03(\x0b\x32\x13.mlxkv.v1.CacheTier\x12\x15\n\rconversations\x18\x0e \x01(\r\x12\x11\n\trss_bytes\x18\x0f \x01(\x04\x12\x0e\n\x06socket\x18\x10 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x11 \x01(\r\x12\x15\n\rweights_dtype\x18\x12 \x01(\t*\xb5\x01\n\x0b\x43\x61\x63heSource\x12\x1c\n\x18\x43\x41\x43HE_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x01\x12\x1d\n\x19\x43\x41\x43HE_SOURCE_CONVERSATION\x10\x02\x12\x1e\n\x1a\x43\x41\x43HE_SOURCE_SHARED_PREFIX\x10\x03\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x04\x12\x1b\n\x17\x43\x41\x43HE_SOURCE_CHECKPOINT\x10\x05*\x9c\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\x97\x03\n\tInference\x12\x43\n\x08Generate\x12\x19.mlxkv.v1.GenerateRequest\x1a\x1a.mlxkv.v1.GenerateResponse0\x01\x12K\n\x0fGetConversation\x12 .mlxkv.v1.GetConversationRequest\x1a\x16.mlxkv.v1.Conversation\x12\\\n\x11ListConversations\x12\".mlxkv.v1.ListConversationsRequest\x1a#.mlxkv.v1.ListConversationsResponse\x12_\n\x12\x44\x65leteConversation\x12#.mlxkv.v1.DeleteConversationRequest\x1a$.mlxkv.v1.DeleteConversationResponse\x12\x39\n\tGetStatus\x12\x1a.mlxkv.v1.GetStatusRequest\x1a\x10.mlxkv.v1.Statusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18mlxkv/v1/inference.proto\x12\x08mlxkv.v1\"t\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12&\n\ntool_calls\x18\x05 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"B\n\x04Tool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x17\n\x0fparameters_json\x18\x03 \x01(\t\"}\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\x12\n\x05top_p\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x01\x88\x01\x01\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\x8b\x02\n\x0fGenerateRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.mlxkv.v1.Message\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x15\n\rbase_revision\x18\x04 \x01(\x04\x12*\n\x08sampling\x18\x05 \x01(\x0b\x32\x18.mlxkv.v1.SamplingParams\x12\x17\n\nmax_tokens\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x1d\n\x05tools\x18\x08 \x03(\x0b\x32\x0e.mlxkv.v1.Tool\x12\x13\n\x0btool_choice\x18\t \x01(\tB\r\n\x0b_max_tokens\"\x90\x01\n\x0bWarmRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12#\n\x08messages\x18\x02 \x03(\x0b\x32\x11.mlxkv.v1.Message\x12\r\n\x05reset\x18\x03 \x01(\x08\x12\x15\n\rbase_revision\x18\x04 \x01(\x04\x12\x1d\n\x05tools\x18\x05 \x03(\x0b\x32\x0e.mlxkv.v1.Tool\"{\n\x0cWarmResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x18\n\x10prefilled_tokens\x18\x03 \x01(\r\x12\x12\n\nsuperseded\x18\x04 \x01(\x08\x12\x0f\n\x07total_s\x18\x05 \x01(\x01\"\xc5\x01\n\x05Start\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\x12+\n\x0c\x63\x61\x63he_source\x18\x04 \x01(\x0e\x32\x15.mlxkv.v1.CacheSource\x12\x16\n\x0eprefill_tokens\x18\x05 \x01(\r\x12\x19\n\x11\x63\x61\x63he_miss_reason\x18\x06 \x01(\t\x12\x15\n\rtools_ignored\x18\x07 \x01(\x08\"P\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\ntool_calls\x18\x03 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"h\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x15\n\rcached_tokens\x18\x02 \x01(\r\x12\x16\n\x0eprefill_tokens\x18\x03 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\r\"\x85\x01\n\x07Timings\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x1c\n\x14prefill_tokens_per_s\x18\x02 \x01(\x01\x12\x1b\n\x13\x64\x65\x63ode_tokens_per_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x0f\n\x07queue_s\x18\x05 \x01(\x01\"\xc1\x01\n\x04\x44one\x12-\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x16.mlxkv.v1.FinishReason\x12\x1e\n\x05usage\x18\x02 \x01(\x0b\x32\x0f.mlxkv.v1.Usage\x12\"\n\x07timings\x18\x03 \x01(\x0b\x32\x11.mlxkv.v1.Timings\x12\x10\n\x08revision\x18\x04 \x01(\x04\x12\x0c\n\x04text\x18\x05 \x01(\t\x12&\n\ntool_calls\x18\x06 \x03(\x0b\x32\x12.mlxkv.v1.ToolCall\"\x7f\n\x10GenerateResponse\x12 \n\x05start\x18\x01 \x01(\x0b\x32\x0f.mlxkv.v1.StartH\x00\x12 \n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x0f.mlxkv.v1.DeltaH\x00\x12\x1e\n\x04\x64one\x18\x03 \x01(\x0b\x32\x0e.mlxkv.v1.DoneH\x00\x42\x07\n\x05\x65vent\"1\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xde\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\x04\x12#\n\x08messages\x18\x03 \x03(\x0b\x32\x11.mlxkv.v1.Message\x12\x1d\n\x05tools\x18\x04 \x03(\x0b\x32\x0e.mlxkv.v1.Tool\x12\x0e\n\x06tokens\x18\x05 \x01(\r\x12\x12\n\ncache_tier\x18\x06 \x01(\t\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x07 \x01(\x04\x12\x12\n\ncreated_at\x18\x08 \x01(\x01\x12\x12\n\nupdated_at\x18\t \x01(\x01\"\x1a\n\x18ListConversationsRequest\"J\n\x19ListConversationsResponse\x12-\n\rconversations\x18\x01 \x03(\x0b\x32\x16.mlxkv.v1.Conversation\"4\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse\"\x12\n\x10GetStatusRequest\"\x86\x01\n\tCacheTier\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x65ntries\x18\x02 \x01(\r\x12\r\n\x05\x62ytes\x18\x03 \x01(\x04\x12\x14\n\x0c\x62udget_bytes\x18\x04 \x01(\x04\x12\x0c\n\x04hits\x18\x05 \x01(\x04\x12\x0e\n\x06misses\x18\x06 \x01(\x04\x12\x17\n\x0fin_flight_bytes\x18\x07 \x01(\x04\"\x9d\x03\n\x06Status\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x19\n\x11model_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x04 \x01(\t\x12\x14\n\x0cmodel_loaded\x18\x05 \x01(\x08\x12\x10\n\x08uptime_s\x18\x06 \x01(\x01\x12\x10\n\x08requests\x18\x07 \x01(\x04\x12\x17\n\x0frequests_failed\x18\x08 \x01(\x04\x12\x17\n\x0f\x61\x63tive_requests\x18\t \x01(\x04\x12\x14\n\x0ctokens_saved\x18\n \x01(\x04\x12\x18\n\x10tokens_prefilled\x18\x0b \x01(\x04\x12\x18\n\x10tokens_generated\x18\x0c \x01(\x04\x12(\n\x0b\x63\x61\x63he_tiers\x18\r \x03(\x0b\x32\x13.mlxkv.v1.CacheTier\x12\x15\n\rconversations\x18\x0e \x01(\r\x12\x11\n\trss_bytes\x18\x0f \x01(\x04\x12\x0e\n\x06socket\x18\x10 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x11 \x01(\r\x12\x15\n\rweights_dtype\x18\x12 \x01(\t*\xb5\x01\n\x0b\x43\x61\x63heSource\x12\x1c\n\x18\x43\x41\x43HE_SOURCE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41\x43HE_SOURCE_NONE\x10\x01\x12\x1d\n\x19\x43\x41\x43HE_SOURCE_CONVERSATION\x10\x02\x12\x1e\n\x1a\x43\x41\x43HE_SOURCE_SHARED_PREFIX\x10\x03\x12\x15\n\x11\x43\x41\x43HE_SOURCE_DISK\x10\x04\x12\x1b\n\x17\x43\x41\x43HE_SOURCE_CHECKPOINT\x10\x05*\x9c\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1d\n\x19\x46INISH_REASON_STOP_STRING\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xce\x03\n\tInference\x12\x43\n\x08Generate\x12\x19.mlxkv.v1.GenerateRequest\x1a\x1a.mlxkv.v1.GenerateResponse0\x01\x12\x35\n\x04Warm\x12\x15.mlxkv.v1.WarmRequest\x1a\x16.mlxkv.v1.WarmResponse\x12K\n\x0fGetConversation\x12 .mlxkv.v1.GetConversationRequest\x1a\x16.mlxkv.v1.Conversation\x12\\\n\x11ListConversations\x12\".mlxkv.v1.ListConversationsRequest\x1a#.mlxkv.v1.ListConversationsResponse\x12_\n\x12\x44\x65leteConversation\x12#.mlxkv.v1.DeleteConversationRequest\x1a$.mlxkv.v1.DeleteConversationResponse\x12\x39\n\tGetStatus\x12\x1a.mlxkv.v1.GetStatusRequest\x1a\x10.mlxkv.v1.Statusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'mlxkv.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CACHESOURCE']._serialized_start=2570
-  _globals['_CACHESOURCE']._serialized_end=2751
-  _globals['_FINISHREASON']._serialized_start=2754
-  _globals['_FINISHREASON']._serialized_end=2910
+  _globals['_CACHESOURCE']._serialized_start=2842
+  _globals['_CACHESOURCE']._serialized_end=3023
+  _globals['_FINISHREASON']._serialized_start=3026
+  _globals['_FINISHREASON']._serialized_end=3182
   _globals['_MESSAGE']._serialized_start=38
   _globals['_MESSAGE']._serialized_end=154
   _globals['_TOOLCALL']._serialized_start=156
@@ -45,36 +45,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_end=411
   _globals['_GENERATEREQUEST']._serialized_start=414
   _globals['_GENERATEREQUEST']._serialized_end=681
-  _globals['_START']._serialized_start=684
-  _globals['_START']._serialized_end=881
-  _globals['_DELTA']._serialized_start=883
-  _globals['_DELTA']._serialized_end=963
-  _globals['_USAGE']._serialized_start=965
-  _globals['_USAGE']._serialized_end=1069
-  _globals['_TIMINGS']._serialized_start=1072
-  _globals['_TIMINGS']._serialized_end=1205
-  _globals['_DONE']._serialized_start=1208
-  _globals['_DONE']._serialized_end=1401
-  _globals['_GENERATERESPONSE']._serialized_start=1403
-  _globals['_GENERATERESPONSE']._serialized_end=1530
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1532
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1581
-  _globals['_CONVERSATION']._serialized_start=1584
-  _globals['_CONVERSATION']._serialized_end=1806
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1808
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1834
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1836
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1910
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1912
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1964
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1966
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1994
-  _globals['_GETSTATUSREQUEST']._serialized_start=1996
-  _globals['_GETSTATUSREQUEST']._serialized_end=2014
-  _globals['_CACHETIER']._serialized_start=2017
-  _globals['_CACHETIER']._serialized_end=2151
-  _globals['_STATUS']._serialized_start=2154
-  _globals['_STATUS']._serialized_end=2567
-  _globals['_INFERENCE']._serialized_start=2913
-  _globals['_INFERENCE']._serialized_end=3320
+  _globals['_WARMREQUEST']._serialized_start=684
+  _globals['_WARMREQUEST']._serialized_end=828
+  _globals['_WARMRESPONSE']._serialized_start=830
+  _globals['_WARMRESPONSE']._serialized_end=953
+  _globals['_START']._serialized_start=956
+  _globals['_START']._serialized_end=1153
+  _globals['_DELTA']._serialized_start=1155
+  _globals['_DELTA']._serialized_end=1235
+  _globals['_USAGE']._serialized_start=1237
+  _globals['_USAGE']._serialized_end=1341
+  _globals['_TIMINGS']._serialized_start=1344
+  _globals['_TIMINGS']._serialized_end=1477
+  _globals['_DONE']._serialized_start=1480
+  _globals['_DONE']._serialized_end=1673
+  _globals['_GENERATERESPONSE']._serialized_start=1675
+  _globals['_GENERATERESPONSE']._serialized_end=1802
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1804
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1853
+  _globals['_CONVERSATION']._serialized_start=1856
+  _globals['_CONVERSATION']._serialized_end=2078
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=2080
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=2106
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=2108
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=2182
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=2184
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=2236
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=2238
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=2266
+  _globals['_GETSTATUSREQUEST']._serialized_start=2268
+  _globals['_GETSTATUSREQUEST']._serialized_end=2286
+  _globals['_CACHETIER']._serialized_start=2289
+  _globals['_CACHETIER']._serialized_end=2423
+  _globals['_STATUS']._serialized_start=2426
+  _globals['_STATUS']._serialized_end=2839
+  _globals['_INFERENCE']._serialized_start=3185
+  _globals['_INFERENCE']._serialized_end=3647
 # @@protoc_insertion_point(module_scope)

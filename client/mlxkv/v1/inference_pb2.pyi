@@ -105,6 +105,34 @@ class GenerateRequest(_message.Message):
     tool_choice: str
     def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ...) -> None: ...
 
+class WarmRequest(_message.Message):
+    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "tools")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    RESET_FIELD_NUMBER: _ClassVar[int]
+    BASE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    TOOLS_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    messages: _containers.RepeatedCompositeFieldContainer[Message]
+    reset: bool
+    base_revision: int
+    tools: _containers.RepeatedCompositeFieldContainer[Tool]
+    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ...) -> None: ...
+
+class WarmResponse(_message.Message):
+    __slots__ = ("prompt_tokens", "cached_tokens", "prefilled_tokens", "superseded", "total_s")
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_S_FIELD_NUMBER: _ClassVar[int]
+    prompt_tokens: int
+    cached_tokens: int
+    prefilled_tokens: int
+    superseded: bool
+    total_s: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ..., superseded: _Optional[bool] = ..., total_s: _Optional[float] = ...) -> None: ...
+
 class Start(_message.Message):
     __slots__ = ("conversation_id", "prompt_tokens", "cached_tokens", "cache_source", "prefill_tokens", "cache_miss_reason", "tools_ignored")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]

@@ -39,6 +39,11 @@ class InferenceStub:
                 request_serializer=mlxkv_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=mlxkv_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Warm = channel.unary_unary(
+                '/mlxkv.v1.Inference/Warm',
+                request_serializer=mlxkv_dot_v1_dot_inference__pb2.WarmRequest.SerializeToString,
+                response_deserializer=mlxkv_dot_v1_dot_inference__pb2.WarmResponse.FromString,
+                _registered_method=True)
         self.GetConversation = channel.unary_unary(
                 '/mlxkv.v1.Inference/GetConversation',
                 request_serializer=mlxkv_dot_v1_dot_inference__pb2.GetConversationRequest.SerializeToString,
@@ -76,6 +81,17 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Warm(self, request, context):
+        """Prefill a draft of the next turn (the message being typed) onto the conversation's
+        cache, generate nothing and make no revision: the next Generate reuses whatever of the
+        draft it still begins with. Answers once the draft is prefilled, or when a newer warm-up
+        or a turn of the same conversation supersedes it. Warm-ups run below turns: a Generate
+        arriving during one waits at most one prefill chunk, and the warm-up resumes after it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetConversation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -107,6 +123,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=mlxkv_dot_v1_dot_inference__pb2.GenerateRequest.FromString,
                     response_serializer=mlxkv_dot_v1_dot_inference__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Warm': grpc.unary_unary_rpc_method_handler(
+                    servicer.Warm,
+                    request_deserializer=mlxkv_dot_v1_dot_inference__pb2.WarmRequest.FromString,
+                    response_serializer=mlxkv_dot_v1_dot_inference__pb2.WarmResponse.SerializeToString,
             ),
             'GetConversation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConversation,
@@ -156,6 +177,33 @@ class Inference:
             '/mlxkv.v1.Inference/Generate',
             mlxkv_dot_v1_dot_inference__pb2.GenerateRequest.SerializeToString,
             mlxkv_dot_v1_dot_inference__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Warm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxkv.v1.Inference/Warm',
+            mlxkv_dot_v1_dot_inference__pb2.WarmRequest.SerializeToString,
+            mlxkv_dot_v1_dot_inference__pb2.WarmResponse.FromString,
             options,
             channel_credentials,
             insecure,
