@@ -36,6 +36,7 @@ ROUTES = [
     ("POST", "/v1/responses", "openai"),
     ("GET", "/v1/responses/resp_1", "openai"),
     ("DELETE", "/v1/responses/resp_1", "openai"),
+    ("POST", "/v1/mlxkv/warm", "openai"),
     ("POST", "/v1/messages", "anthropic"),
     ("POST", "/v1/messages/count_tokens", "anthropic"),
     ("GET", "/no/such/route", "openai"),

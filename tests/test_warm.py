@@ -11,7 +11,10 @@ from __future__ import annotations
 import threading
 import time
 
+import openai
 import pytest
+
+import httpd
 
 from mlxkv import Client
 from mlxkv.conversation import Conversation
@@ -150,3 +153,34 @@ def test_a_turn_supersedes_the_warm_up_of_its_conversation(client, reference):
     thread.join(timeout=300)
     assert outcome["w"].superseded
     assert turn.text == reference.tokenizer.decode(reference.generate(messages, MAX_TOKENS))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, cache_dir, model_dir):
+    d = httpd.start(tmp_path_factory.mktemp("warm-http"), cache_dir)
+    yield d
+    d.daemon.stop()
+
+
+def test_http_warm_up_then_the_final_request_reuses_the_draft(served, reference):
+    """Through the openai SDK: a chat, a warm-up of the draft (``POST /v1/mlxkv/warm``), then
+    the final message, which prefills only what changed since the draft."""
+    client = openai.OpenAI(base_url=served.url + "/v1", api_key=served.key, max_retries=0, timeout=120)
+    options = {"model": httpd.MODEL, "temperature": 0, "max_tokens": MAX_TOKENS, "prompt_cache_key": "warm"}
+    messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hello!"}]
+    reply = client.chat.completions.create(messages=messages, **options).choices[0].message
+    messages.append({"role": "assistant", "content": reply.content})
+
+    draft = messages + [{"role": "user", "content": "What makes a code review useful? Give two"}]
+    warmed = client.post("/mlxkv/warm", cast_to=object, body={"model": httpd.MODEL, "messages": draft,
+                                                              "prompt_cache_key": "warm"})
+    draft_ids = reference.prompt(draft)
+    assert warmed["object"] == "mlxkv.warm" and not warmed["superseded"]
+    assert warmed["prompt_tokens"] == len(draft_ids)
+    assert 0 < warmed["prefilled_tokens"] < len(draft_ids) - 20  # onto the stored conversation
+
+    final = messages + [{"role": "user", "content": "What makes a code review useful? Give two reasons."}]
+    response = client.chat.completions.create(messages=final, **options)
+    final_ids = reference.prompt(final)
+    assert response.usage.prompt_tokens_details.cached_tokens == common_prefix(draft_ids, final_ids)
+    assert response.choices[0].message.content == reference.tokenizer.decode(reference.generate(final, MAX_TOKENS))

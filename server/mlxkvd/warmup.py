@@ -7,7 +7,8 @@ store trims to the common prefix). Its one event is ``Warmed`` (or ``Failed``).
 
 Warm-ups run below turns. Between two chunks, a turn waiting in the queue comes first: the
 warm-up checks in what it has prefilled and is set aside (``_deferred``), to resume when no
-turn waits; in batch mode warm-ups wait for the batch to empty. A warm-up that is cancelled
+turn waits; in batch mode warm-ups wait for the batch to empty. A stopping engine sets them
+aside too, and fails them (``ShuttingDownError``) with the rest of its queue. A warm-up that is cancelled
 (a newer warm-up or a turn of the same conversation supersedes it, see ``turns.py``) ends at
 the next chunk with what it prefilled. Its cache counts against the memory budget as a turn's
 does (the lease reserves what the prompt takes).
@@ -47,7 +48,8 @@ class WarmUpMode:
                 held = lease.lookup.cached_tokens
                 self._warm_cached.setdefault(id(turn), held)
                 try:
-                    while held < len(prompt) and not turn.cancelled.is_set() and not self._turn_queued():
+                    while (held < len(prompt) and not turn.cancelled.is_set() and not self._turn_queued()
+                           and not self._stopping.is_set()):
                         fed = rt.prefill(prompt[held : held + rt.prefill_step], cache, turn.cancelled)
                         held += fed
                         self.counters.tokens_prefilled += fed  # the status shows it as it goes

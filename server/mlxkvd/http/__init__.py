@@ -8,5 +8,5 @@ Modules: ``server`` (the listening address and the uvicorn thread), ``app`` (the
 API key, body cap, routes, errors), ``auth`` (the key file), ``errors`` (one table of errors, in
 each API's shape), ``gateway`` (what both APIs share: model identity, limits, turns as async
 events), ``fields`` (typed access to a JSON body), ``openai_api`` (Chat Completions),
-``responses_api`` (Responses), ``anthropic_api``.
+``responses_api`` (Responses), ``anthropic_api``, ``warm_api`` (warm-ups).
 """

@@ -25,6 +25,7 @@ from .errors import ANTHROPIC, METHOD_NOT_ALLOWED, NOT_FOUND, OPENAI, UNAUTHORIZ
 from .gateway import ClientGone, Gateway
 from .openai_api import OpenAIApi
 from .responses_api import ResponsesApi
+from .warm_api import WarmApi
 
 CLIENT_CLOSED = 499  # nginx's status for a request whose client left before the response
 
@@ -94,6 +95,7 @@ def create_app(gateway: Gateway, api_key: str) -> ASGIApp:
             Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             *openai.routes(),
             *ResponsesApi(gateway).routes(),
+            *WarmApi(gateway).routes(),
             *anthropic.routes(),
         ],
         exception_handlers={cls: on_error for cls in (HttpError, MlxkvError, ClientGone, HTTPException, Exception)},
