@@ -21,6 +21,7 @@ from mlxkv.conversation import Conversation
 from mlxkv.errors import MlxkvError
 from mlxkv.v1 import inference_pb2 as pb
 from mlxkvd.runtime import PREFILL_STEP_CPU
+from mlxkvd.store import common_prefix_length
 
 pytestmark = pytest.mark.model
 
@@ -28,13 +29,12 @@ SYSTEM = "You are a concise assistant."
 MAX_TOKENS = 10
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+def in_background(chat, draft: str) -> tuple[threading.Thread, dict]:
+    """``chat.warm(draft)`` on a thread: its answer lands in the dict (``"w"``)."""
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(w=chat.warm(draft)))
+    thread.start()
+    return thread, outcome
 
 
 def long_text(words: int) -> str:
@@ -65,7 +65,7 @@ def test_the_message_sent_after_a_warm_up_prefills_only_what_changed(client, ref
     turn = chat.send(message)
     final_ids = reference.prompt(messages)
     assert turn.prompt_tokens == len(final_ids)
-    assert turn.prefill_tokens == len(final_ids) - common_prefix(draft_ids, final_ids)
+    assert turn.prefill_tokens == len(final_ids) - common_prefix_length(draft_ids, final_ids)
     assert turn.text == reference.tokenizer.decode(reference.generate(messages, MAX_TOKENS))
     assert chat.revision == 2  # the warm-up made no revision
 
@@ -124,9 +124,7 @@ def test_a_turn_arriving_during_a_long_warm_up_starts_within_one_chunk(shared_da
 def test_a_newer_warm_up_supersedes_an_older_one(client, reference):
     chat = client.conversation(system=SYSTEM, max_tokens=MAX_TOKENS)
     chat.send("Hi.")
-    first: dict = {}
-    thread = threading.Thread(target=lambda: first.update(w=chat.warm("Summarise: " + long_text(3000))))
-    thread.start()
+    thread, first = in_background(chat, "Summarise: " + long_text(3000))
     time.sleep(1.0)
     second = chat.warm("Which is larger, 7 or 9?")
     thread.join(timeout=300)
@@ -143,9 +141,7 @@ def test_a_newer_warm_up_supersedes_an_older_one(client, reference):
 def test_a_turn_supersedes_the_warm_up_of_its_conversation(client, reference):
     chat = client.conversation(system=SYSTEM, max_tokens=MAX_TOKENS)
     chat.send("Hi.")
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(w=chat.warm("Summarise: " + long_text(3000))))
-    thread.start()
+    thread, outcome = in_background(chat, "Summarise: " + long_text(3000))
     time.sleep(1.0)
     messages = chat.messages + [{"role": "user", "content": "Say yes."}]
     turn = Conversation(client, chat.conversation_id, messages=chat.messages, revision=chat.revision,
@@ -182,5 +178,5 @@ def test_http_warm_up_then_the_final_request_reuses_the_draft(served, reference)
     final = messages + [{"role": "user", "content": "What makes a code review useful? Give two reasons."}]
     response = client.chat.completions.create(messages=final, **options)
     final_ids = reference.prompt(final)
-    assert response.usage.prompt_tokens_details.cached_tokens == common_prefix(draft_ids, final_ids)
+    assert response.usage.prompt_tokens_details.cached_tokens == common_prefix_length(draft_ids, final_ids)
     assert response.choices[0].message.content == reference.tokenizer.decode(reference.generate(final, MAX_TOKENS))
