@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import pytest
 
@@ -558,10 +559,9 @@ def test_if_the_engine_thread_dies_in_batch_mode_every_turn_gets_failed(harness,
     assert h.engine.active_requests == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a seeded sampled turn is reproducible only alone: a batch row "
-                   "ignores Sampling.seed and shares MLX's random state with the other rows "
-                   "(mlx_lm.server runs seeded requests unbatched)")
 def test_a_seeded_sampled_turn_gives_the_same_reply_batched_as_alone(harness):
+    """A seeded turn draws from a random stream of its own (``runtime.SeededSampler``): the
+    same reply alone, again, and as a batch row beside another sampled row."""
     h = harness(max_batch=ROWS)
     seeded = Sampling(temperature=1.0, seed=7)
 
@@ -579,3 +579,28 @@ def test_a_seeded_sampled_turn_gives_the_same_reply_batched_as_alone(harness):
     gate.set()
     outcome(other)
     assert outcome(batched)[1] == alone
+
+
+def test_a_seeded_turn_handed_over_to_a_batch_mid_reply_keeps_its_reply(harness, caplog):
+    """A seeded turn running alone becomes a batch row when another turn arrives after a few
+    of its tokens: the row re-draws the token mlx-lm's look-ahead had drawn (the sampler's
+    stream is rewound), so the reply is the one it gives alone."""
+    h = harness(max_batch=ROWS)
+    seeded = Sampling(temperature=1.0, seed=11)
+
+    def submit(key: str, content: str, sampling: Sampling, max_tokens: int = 200):
+        return h.turns.submit(key, [{"role": "user", "content": content}], [], reset=True, base_revision=0,
+                              sampling=sampling, max_tokens=max_tokens)
+
+    alone = outcome(submit("handover-alone", QUESTIONS[1], seeded))[1]
+    caplog.set_level(logging.INFO, logger="mlxkvd.engine")
+    running = submit("handover-batched", QUESTIONS[1], seeded)
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    while running.generated < 3 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    other = submit("handover-other", QUESTIONS[0], Sampling(temperature=1.0, seed=5), max_tokens=8)
+    batched = outcome(running)[1]
+    outcome(other)
+    assert "batching: another turn arrived" in caplog.text  # it was handed over mid-reply
+    assert len(alone) > 3
+    assert batched == alone

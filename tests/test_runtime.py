@@ -28,7 +28,7 @@ def _held(cache) -> int:
 def test_the_cache_holds_every_token_of_a_finished_reply(runtime, reference, max_tokens):
     prompt = _prompt(runtime)
     cache = runtime.make_cache()
-    tokens = list(runtime.generate(prompt, cache, max_tokens=max_tokens, sampling=Sampling()))
+    tokens = list(runtime.generate(prompt, cache, max_tokens=max_tokens, sampler=runtime.sampler(Sampling())))
     assert len(tokens) == max_tokens
     assert _held(cache) == len(prompt) + max_tokens
     assert tokens == reference.generate([{"role": "user", "content": "Name three rivers."}], max_tokens)
@@ -39,7 +39,7 @@ def test_the_cache_holds_every_token_yielded_when_the_caller_stops(runtime, stop
     prompt = _prompt(runtime)
     cache = runtime.make_cache()
     seen = []
-    with contextlib.closing(runtime.generate(prompt, cache, max_tokens=20, sampling=Sampling())) as tokens:
+    with contextlib.closing(runtime.generate(prompt, cache, max_tokens=20, sampler=runtime.sampler(Sampling()))) as tokens:
         for token in tokens:
             seen.append(token)
             if len(seen) == stop_after:

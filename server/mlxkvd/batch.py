@@ -31,7 +31,7 @@ from mlx_lm.models.cache import KVCache
 
 from .errors import ShuttingDownError, TurnCancelledError
 from .events import Failed, Turn
-from .runtime import ModelRuntime
+from .runtime import ModelRuntime, SeededSampler
 from .running import RunningTurn
 from .store import CacheStore
 
@@ -139,7 +139,7 @@ class Batch:
             max_tokens=[run.max_tokens - len(run.generated)],
             caches=[run.cache],
             all_tokens=[list(held)],
-            samplers=[self._runtime.sampler(run.sampling)],
+            samplers=[run.sampler],
         )
         run.cache = None
         if run.lease is not None:
@@ -228,6 +228,8 @@ class BatchMode:
 
     def _hand_over(self, run: RunningTurn, held: list[int], new: list[int]) -> None:
         """The serial turn becomes the first row of a batch; the waiting turns join it."""
+        if isinstance(run.sampler, SeededSampler):
+            run.sampler.rewind(len(run.generated))  # the row draws the token after them again
         self._batch = Batch(self.runtime, self.store, self.max_batch)
         self._batch.add(run, held, new)
         log.info("batching: another turn arrived while conversation %r was running", run.key)

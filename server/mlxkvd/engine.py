@@ -417,7 +417,7 @@ class Engine(BatchMode, WarmUpMode):
                         self._refresh_snapshot()
                 # Closed on every exit, so that the cache holds every token generated.
                 with contextlib.closing(
-                    rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampling=run.sampling)
+                    rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampler=run.sampler)
                 ) as tokens:
                     handed_over = False
                     for token in tokens:

@@ -57,6 +57,7 @@ class RunningTurn:
             # inside a compiled function, which breaks every later sampled turn of the process.
             sampling = dataclasses.replace(sampling, top_k=0)
         self.sampling: Sampling = sampling
+        self.sampler = runtime.sampler(sampling)  # the turn's, whether it runs alone or batched
         self.lease: Lease | None = None
         self.cache: Any = None  # None again once a batch holds it (Batch.add)
         self.cached = 0  # prompt tokens the lease gave

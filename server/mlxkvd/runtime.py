@@ -22,7 +22,7 @@ import mlx.core as mx
 from mlx_lm import load
 from mlx_lm.generate import generate_step, generation_stream, maybe_quantize_kv_cache
 from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make_prompt_cache
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 from mlx_lm.utils import dequantize_model
 
 from .errors import ModelChangedError, ModelLoadError
@@ -52,6 +52,33 @@ class Sampling:
     top_k: int = 0
     min_p: float = 0.0
     seed: int | None = None
+
+
+class SeededSampler:
+    """mlx-lm's sampling (its top-p, min-p and top-k filters, in ``make_sampler``'s order, then
+    a categorical draw) from a random stream of its own, seeded once: its tokens depend on the
+    seed and the logits alone, not on what other turns draw meanwhile, so that a seeded turn
+    gives the same reply alone and as a row of a batch. ``rewind(n)`` takes the stream back to
+    where it was after ``n`` draws (a turn handed over to a batch re-draws the token that
+    mlx-lm's one-step look-ahead had drawn)."""
+
+    def __init__(self, seed: int, temp: float, top_p: float, min_p: float, top_k: int):
+        self._keys = [mx.random.key(seed)]  # the key after each draw
+        self._temp, self._top_p, self._min_p, self._top_k = temp, top_p, min_p, top_k
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if 0.0 < self._top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self._top_p)
+        if self._min_p != 0.0:
+            logprobs = apply_min_p(logprobs, self._min_p)
+        if self._top_k > 0:
+            logprobs = apply_top_k(logprobs, self._top_k)
+        key, draw = mx.random.split(self._keys[-1])
+        self._keys.append(key)
+        return mx.random.categorical(logprobs * (1.0 / self._temp), key=draw)
+
+    def rewind(self, draws: int) -> None:
+        del self._keys[draws + 1 :]
 
 
 def backend_name() -> str:
@@ -244,7 +271,7 @@ class ModelRuntime:
         cache: list,
         *,
         max_tokens: int,
-        sampling: Sampling,
+        sampler,
     ) -> Iterator[int]:
         """Feed ``new_tokens`` (at most ``prefill_step`` of them) to the model, extending
         ``cache``, and yield generated token ids.
@@ -258,10 +285,8 @@ class ModelRuntime:
         ``generate_step``. The cache holds the prompt plus every token yielded so far, however
         the caller stops; a caller that stops at the first token must close the generator
         (``contextlib.closing``), which feeds it then, as the end of a one-token reply does.
+        ``sampler``: the turn's own (``sampler``; a seeded one carries its random stream).
         """
-        if sampling.seed is not None:
-            mx.random.seed(sampling.seed)
-        sampler = self.sampler(sampling)
         first = self._sample_next(new_tokens, cache, sampler)
         fed = False
         try:
@@ -287,13 +312,13 @@ class ModelRuntime:
 
     @staticmethod
     def sampler(sampling: Sampling):
-        """mlx-lm's sampler for these parameters (greedy below ``MIN_TEMPERATURE``)."""
-        return make_sampler(
-            temp=sampling.temperature if sampling.temperature >= MIN_TEMPERATURE else 0.0,
-            top_p=sampling.top_p if sampling.top_p < 1.0 else 0.0,
-            min_p=sampling.min_p,
-            top_k=sampling.top_k,
-        )
+        """mlx-lm's sampler for these parameters (greedy below ``MIN_TEMPERATURE``); a seeded
+        one is a ``SeededSampler``."""
+        temp = sampling.temperature if sampling.temperature >= MIN_TEMPERATURE else 0.0
+        top_p = sampling.top_p if sampling.top_p < 1.0 else 0.0
+        if sampling.seed is not None and temp > 0.0:
+            return SeededSampler(sampling.seed, temp, top_p, sampling.min_p, sampling.top_k)
+        return make_sampler(temp=temp, top_p=top_p, min_p=sampling.min_p, top_k=sampling.top_k)
 
     @property
     def can_batch(self) -> bool:
