@@ -35,8 +35,23 @@ def test_every_entry_it_drops_by_itself_is_reported(tmp_path):
     assert tier.load("c", 20) is None and "c" not in tier
     assert dropped[-1] == ("c", "cache file was corrupt")
     assert write(tier, "d", seq(20))
-    _, dropped = make_tier(tmp_path, fp="model-b")
-    assert dropped == [("d", "stored with another model")]
+    other, dropped = make_tier(tmp_path, fp="model-b")
+    assert dropped == [] and "d" not in other and other.nbytes == tier.nbytes  # kept, not served
+    again, _ = make_tier(tmp_path)
+    assert "d" in again and again.load("d", 20) is not None
+
+
+def test_other_models_files_count_against_the_budget_in_lru_order(tmp_path):
+    tier, _ = make_tier(tmp_path, fp="model-b")
+    assert write(tier, "old", seq(20))
+    size = tier.peek("old").nbytes
+    tier, dropped = make_tier(tmp_path)  # model-a: keeps model-b's file, counts its bytes
+    assert tier.nbytes == size and len(tier) == 0
+    tier.max_bytes = size + size // 2
+    # The other model's file is older: it goes first.
+    assert tier.write("new", seq(20, 100), FakeCache(seq(20, 100)), last_used=tier._clock() + 1)
+    assert dropped == [] and list(tier.keys()) == ["new"] and tier.nbytes == tier.peek("new").nbytes
+    assert len(list(tmp_path.glob("*.json"))) == 1
 
 
 def test_removals_by_the_store_are_not_reported(tmp_path):

@@ -10,16 +10,20 @@ it. ``max_batch=1`` never batches.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
+from mlxkvd.catalog import Catalog
 from mlxkvd.conversations import ConversationRegistry
 from mlxkvd.engine import Engine
 from mlxkvd.errors import ConversationNotFoundError
 from mlxkvd.events import Failed, Finished, Started, Text
 from mlxkvd.kvcache import MlxCacheOps
+from mlxkvd.models import ModelHost
 from mlxkvd.prefix_index import common_prefix_length
 from mlxkvd.runtime import ModelRuntime, Sampling
 from mlxkvd.store import CacheStore
@@ -46,6 +50,12 @@ def runtime(tmp_path_factory, model_dir) -> ModelRuntime:
     return ModelRuntime(path)
 
 
+def host_for(engine: Engine) -> ModelHost:
+    """A model host serving the engine's runtime alone (an empty catalogue but the default)."""
+    empty = Path(tempfile.mkdtemp(prefix="mlxkv-catalog-"))
+    return ModelHost.for_engine(engine, Catalog(cache_dir=empty, hf_cache=empty, lmstudio_dirs=[]))
+
+
 class Harness:
     """An engine over a fresh store and registry, and the turns layer that feeds it."""
 
@@ -54,7 +64,7 @@ class Harness:
         self.store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=max_bytes)
         self.registry = ConversationRegistry()
         self.engine = Engine(runtime, self.store, self.registry, max_batch=max_batch)
-        self.turns = Turns(self.engine, self.registry)
+        self.turns = Turns(self.engine, self.registry, host_for(self.engine))
         self.engine.start()
 
     def submit(self, key: str, content: str, *, revision: int = 0, max_tokens: int = MAX_TOKENS):

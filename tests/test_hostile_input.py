@@ -220,7 +220,7 @@ def assert_clean_failure(result: subprocess.CompletedProcess, fragment: str) -> 
 
 def test_unknown_model_path_exits_with_a_clear_message(tmp_path):
     result = serve_once(tmp_path, "--model", "/nonexistent/model")
-    assert_clean_failure(result, "/nonexistent/model does not exist")
+    assert_clean_failure(result, "/nonexistent/model is not a usable model directory: it does not exist")
 
 
 def _missing_weights(d: Path) -> None:
@@ -245,12 +245,14 @@ def _missing_tokenizer(d: Path) -> None:
     (d / "tokenizer.json").unlink()
 
 
+# Each breakage, and what the error says: the catalogue's checks name what is missing or
+# unreadable before loading; the rest fails in the loader.
 BROKEN_MODELS = {
-    "missing weights": _missing_weights,
-    "truncated weights": _truncated_weights,
-    "garbage weights": _garbage_weights,
-    "corrupt config.json": _corrupt_config,
-    "missing tokenizer": _missing_tokenizer,
+    "missing weights": (_missing_weights, "is not a usable model directory: it has no .safetensors weights"),
+    "truncated weights": (_truncated_weights, "cannot load model from"),
+    "garbage weights": (_garbage_weights, "cannot load model from"),
+    "corrupt config.json": (_corrupt_config, "is not a usable model directory: its config.json is not valid JSON"),
+    "missing tokenizer": (_missing_tokenizer, "cannot load model from"),
 }
 
 
@@ -258,6 +260,8 @@ BROKEN_MODELS = {
 def test_broken_model_directory_exits_with_a_clear_message(model_dir, tmp_path, breakage):
     broken = tmp_path / "model"
     shutil.copytree(model_dir, broken)
-    BROKEN_MODELS[breakage](broken)
+    breaks, says = BROKEN_MODELS[breakage]
+    breaks(broken)
     result = serve_once(tmp_path, "--model", str(broken))
-    assert_clean_failure(result, f"cannot load model from {broken}")
+    assert_clean_failure(result, f"{broken}" if says.startswith("is ") else f"{says} {broken}")
+    assert says in result.stderr

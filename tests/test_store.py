@@ -612,16 +612,17 @@ def test_shared_prefix_from_disk_keeps_the_file(tmp_path):
     assert store.tier_of("a") == "disk"
 
 
-def test_other_fingerprint_is_removed_with_one_line_each(tmp_path, caplog):
+def test_other_fingerprint_is_kept_for_its_model_and_never_served(tmp_path):
     store = make_store(tmp_path, max_bytes=0)
     put(store, "a", seq(20))
     put(store, "b", seq(20))
-    with caplog.at_level(logging.INFO, logger="mlxkvd.disk_tier"):
-        store = make_store(tmp_path, fp="model-b")
-    lines = [r for r in caplog.records if "another model" in r.getMessage()]
-    assert len(lines) == 2
-    assert disk_files(tmp_path) == []
-    assert store.checkout("a", seq(21)).reason == "stored with another model"
+    files = disk_files(tmp_path)
+    other = make_store(tmp_path, fp="model-b")
+    assert other.tier_of("a") == "none" and other.checkout("a", seq(21)).cached_tokens == 0
+    assert disk_files(tmp_path) == files and other.stats()["disk"]["bytes"] > 0
+    back = store.reopen(FP)  # the first model again: its caches come back from disk
+    got = back.checkout("a", seq(21))
+    assert got.source == "disk" and got.cache.tokens == seq(20)
 
 
 def test_corrupt_and_truncated_files_are_removed_at_startup(tmp_path, caplog):

@@ -53,7 +53,9 @@ def in_process(model_dir):
     engine = Engine(runtime, store, ConversationRegistry())
     engine.start()
     socket_path = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "w.sock"
-    server, _, _ = create_server(engine, socket_path)
+    from test_engine_batch import host_for
+
+    server, _, _ = create_server(engine, host_for(engine), socket_path)
     server.start()
     yield runtime, store, socket_path
     engine.stop()

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -168,8 +169,12 @@ def format_tool_call(call: ToolCall) -> str:
 
 def format_status(status: Any) -> str:
     """The ``mlxkv status`` report: a summary table, then one row per cache tier."""
+    state = status.model_state or ("loaded" if status.model_loaded else "unloaded")
+    if state == "loading":
+        state = f"loading {status.load_progress:.0%}"
     summary = [
-        ("model", status.model + ("" if status.model_loaded else " (not loaded)")),
+        ("model", status.model + ("" if state == "loaded" else f" ({state})")),
+        ("directory", status.model_path or "-"),
         ("backend", status.backend),
         ("weights dtype", status.weights_dtype or "-"),
         ("context length", status.context_length or "-"),
@@ -199,6 +204,22 @@ def format_status(status: Any) -> str:
     return "\n".join(lines)
 
 
+def format_models(models: Sequence[Any]) -> str:
+    """The ``mlxkv models`` table."""
+    rows = [
+        (
+            ("* " if m.loaded else "  ") + m.name,
+            m.source,
+            format_bytes(m.size_bytes) if m.ready else f"{format_bytes(m.size_bytes)} (not converted)",
+            m.quantization or "-",
+            m.context_length or "-",
+            m.path,
+        )
+        for m in models
+    ]
+    return format_table(("  name", "source", "size", "quantization", "context", "path"), rows)
+
+
 def format_conversations(conversations: Sequence[Any]) -> str:
     """The ``mlxkv conversations ls`` table."""
     rows = [
@@ -220,7 +241,7 @@ def format_conversations(conversations: Sequence[Any]) -> str:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-            "tool_choice": args.tool_choice}
+            "tool_choice": args.tool_choice, "model": args.model}
 
 
 def load_tools(path: str | os.PathLike[str] | None) -> list[dict[str, Any]] | None:
@@ -362,6 +383,56 @@ def cmd_status(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(client: Client, args: argparse.Namespace) -> int:
+    models = client.list_models()
+    if args.json:
+        print(json.dumps([json_format.MessageToDict(m, always_print_fields_with_no_presence=True)
+                          for m in models], indent=2))
+    else:
+        print(format_models(models))
+    return 0
+
+
+def cmd_load(client: Client, args: argparse.Namespace) -> int:
+    """LoadModel, with the daemon's loading progress on stderr while it waits."""
+    done = threading.Event()
+
+    def show_progress() -> None:
+        last = ""
+        while not done.wait(0.5):
+            try:
+                status = client.status()
+            except MlxkvError:
+                continue
+            line = {"switching": f"switching to {status.model}: writing caches to disk",
+                    "loading": f"loading {status.model}: {status.load_progress:.0%}"}.get(status.model_state, "")
+            if line and line != last and sys.stderr.isatty():
+                print(f"\r{line}\033[K", end="", file=sys.stderr, flush=True)
+                last = line
+        if last:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    watcher = threading.Thread(target=show_progress, daemon=True)
+    watcher.start()
+    try:
+        loaded = client.load_model(args.model)
+    finally:
+        done.set()
+        watcher.join()
+    how = (f"loaded in {loaded.switch_s + loaded.load_s:.1f}s" if loaded.loaded_now else "already loaded")
+    print(f"{loaded.model.name}: {how}")
+    return 0
+
+
+def cmd_unload(client: Client, args: argparse.Namespace) -> int:
+    unloaded = client.unload_model()
+    if unloaded.model:
+        print(f"{unloaded.model}: unloaded ({unloaded.caches_moved} caches moved to disk)")
+    else:
+        print("no model was loaded")
+    return 0
+
+
 def cmd_conversations_ls(client: Client, args: argparse.Namespace) -> int:
     conversations = client.list_conversations()
     if args.json:
@@ -398,6 +469,8 @@ def _add_turn_options(parser: argparse.ArgumentParser) -> None:
                         help="a named conversation, continued across invocations")
     parser.add_argument("--system", "-s", metavar="TEXT", help="the system prompt")
     parser.add_argument("--stats", action="store_true", help="print cache and speed stats per turn to stderr")
+    parser.add_argument("--model", "-m", metavar="NAME|DIR",
+                        help="the model to answer (`mlxkv models`; default: the daemon's loaded one)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="the answer's token limit")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy)")
     parser.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
@@ -436,6 +509,17 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", parents=[common], help="the daemon's model, memory and caches")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=cmd_status)
+
+    models = sub.add_parser("models", parents=[common], help="the local models a turn can use (* loaded)")
+    models.add_argument("--json", action="store_true", help="print them as JSON")
+    models.set_defaults(func=cmd_models)
+    load = sub.add_parser("load", parents=[common],
+                          help="load a model now (the previous one's caches go to disk)")
+    load.add_argument("model", metavar="NAME|DIR", nargs="?", default="",
+                      help="a name from `mlxkv models` or a model directory (default: the resident model)")
+    load.set_defaults(func=cmd_load)
+    unload = sub.add_parser("unload", parents=[common], help="free the loaded model's memory")
+    unload.set_defaults(func=cmd_unload)
 
     convs = sub.add_parser("conversations", aliases=["conv"], parents=[common],
                            help="list or delete the daemon's conversations")

@@ -101,6 +101,25 @@ class Client:
         request = pb.DeleteConversationRequest(conversation_id=conversation_id)
         return self._unary(self._stub.DeleteConversation, request)
 
+    def list_models(self) -> list[pb.ModelInfo]:
+        """The local models a turn may name (``model=``): the catalogue of the daemon's
+        models directory, the Hugging Face cache, LM Studio's models and the default model."""
+        return list(self._unary(self._stub.ListModels, pb.ListModelsRequest()).models)
+
+    def load_model(self, model: str = "", *, timeout: float | None = None) -> pb.LoadModelResponse:
+        """Make ``model`` (a name from ``list_models`` or a model directory; "": the resident
+        one) the daemon's resident model, loaded; waits for running turns of the previous one
+        and for the load (``timeout`` seconds; None: however long it takes)."""
+        request = pb.LoadModelRequest(model=model)
+        try:
+            return self._stub.LoadModel(request, timeout=timeout)
+        except grpc.RpcError as err:
+            raise _map_rpc_error(err, self.socket_path) from None
+
+    def unload_model(self) -> pb.UnloadModelResponse:
+        """Free the resident model's memory (its caches go to disk); the next turn loads it."""
+        return self._unary(self._stub.UnloadModel, pb.UnloadModelRequest())
+
     def warm(self, request: pb.WarmRequest) -> pb.WarmResponse:
         """Prefill a draft of a conversation's next turn (see ``Conversation.warm``)."""
         return self._unary(self._stub.Warm, request)

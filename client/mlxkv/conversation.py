@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Per-turn options: given to a turn, or to the conversation as defaults for all its turns.
-TURN_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "tool_choice")
+TURN_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "tool_choice", "model",
+                "context_length")
 
 
 # --- a turn's result ------------------------------------------------------------------------
@@ -222,7 +223,9 @@ class Conversation:
         """Send a message (plus ``extra_messages`` before it, e.g. tool results) and wait for
         the answer. ``on_text`` gets each text delta; keyword options: ``max_tokens``,
         ``temperature`` (default 0: greedy), ``top_p``, ``top_k``, ``min_p``, ``seed``,
-        ``stop``, ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name).
+        ``stop``, ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name),
+        ``model`` (a name from ``Client.list_models`` or a model directory; default: the
+        daemon's resident model), ``context_length`` (a cap of the context window).
         ``content=None`` sends only ``extra_messages``.
 
         If the connection breaks mid-answer, the turn is retried from scratch and its text
@@ -256,6 +259,7 @@ class Conversation:
                 reset=reset,
                 base_revision=0 if reset else self.revision,
                 tools=[tool_to_proto(t) for t in self.tools] if reset else [],
+                model=self.defaults.get("model") or "",
             )
             try:
                 return self._client.warm(request)
@@ -504,7 +508,10 @@ class Conversation:
             # On a delta turn an empty list keeps the daemon's tools: send them only on reset.
             tools=[tool_to_proto(t) for t in self.tools] if reset else [],
             tool_choice=params.get("tool_choice") or "",
+            model=params.get("model") or "",
         )
         if params.get("max_tokens") is not None:
             request.max_tokens = params["max_tokens"]
+        if params.get("context_length"):
+            request.context_length = params["context_length"]
         return request

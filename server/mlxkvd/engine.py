@@ -55,10 +55,12 @@ _EMPTY = object()
 
 @dataclass
 class _Task:
-    """A function to run on the engine thread; ``future`` (if any) gets its result."""
+    """A function to run on the engine thread; ``future`` (if any) gets its result.
+    ``exclusive``: only once no turn runs (a batch in progress empties first)."""
 
     fn: Callable[[], Any]
     future: Future | None = None
+    exclusive: bool = False
 
 
 class Engine(BatchMode, WarmUpMode):
@@ -93,7 +95,9 @@ class Engine(BatchMode, WarmUpMode):
         self._batch = None  # the rows decoding together, in batch mode
         self._waiting: collections.deque[Turn] = collections.deque()  # turns not admitted yet
         self._deferred: collections.deque[Turn] = collections.deque()  # warm-ups set aside
+        self._exclusive: collections.deque[_Task] = collections.deque()  # waiting for a batch to end
         self._warm_cached: dict[int, int] = {}
+        self._warm_held: dict[int, int] = {}
         self._stopping_seen = False
         self.counters = Counters()
         self._queue: "queue.Queue[Turn | _Task | None]" = queue.Queue()
@@ -134,6 +138,32 @@ class Engine(BatchMode, WarmUpMode):
         future: Future = Future()
         self._enqueue(_Task(fn, future))
         return future.result(timeout=timeout)
+
+    def call_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """``call``, once no turn is running: in batch mode, after the batch has emptied (the
+        turns queued before it run first, later queued work waits for it)."""
+        future: Future = Future()
+        self._enqueue(_Task(fn, future, exclusive=True))
+        return future.result()
+
+    def switch_model(self, load: Callable[[], ModelRuntime]) -> int:
+        """Make the runtime ``load`` returns the resident one, on the engine thread with no
+        turn running: the resident model's caches go to the disk tier (under its fingerprint)
+        and its weights leave memory first; warm-ups set aside end as superseded. If ``load``
+        raises, the previous model is loaded back and the error raised. Returns how many
+        caches moved to disk."""
+        return self.call_exclusive(lambda: self._switch(load))
+
+    def unload_model(self) -> tuple[str, int]:
+        """Free the resident model's memory (its caches go to disk first); the next turn loads
+        it again. Returns its name ("" if it was not resident) and the caches moved."""
+
+        def unload() -> tuple[str, int]:
+            if not self.runtime.loaded:
+                return "", 0
+            return self.runtime.name, self._unload("asked to")
+
+        return self.call_exclusive(unload)
 
     def post(self, fn: Callable[[], Any]) -> None:
         """Run ``fn`` on the engine thread soon, without waiting for it (errors are logged)."""
@@ -241,6 +271,9 @@ class Engine(BatchMode, WarmUpMode):
                 self._run_task(item)
 
     def _run_task(self, task: _Task) -> None:
+        if task.exclusive and self._batch is not None:
+            self._exclusive.append(task)
+            return
         try:
             result = task.fn()
         except BaseException as exc:  # noqa: BLE001 - handed back to the caller, or logged
@@ -280,6 +313,8 @@ class Engine(BatchMode, WarmUpMode):
         The delays count from the end of the last turn, not of the last task: a task must not
         keep postponing them."""
         while True:
+            if self._exclusive:  # set aside by batch mode until the batch emptied
+                return self._exclusive.popleft()
             if self._deferred:  # queued work first, else the oldest warm-up set aside
                 item = self._wait(0)
                 return item if item is not _EMPTY else self._deferred.popleft()
@@ -305,7 +340,7 @@ class Engine(BatchMode, WarmUpMode):
                     continue
                 if self.idle_unload_s > 0 and self.runtime.loaded:
                     if idle >= self.idle_unload_s:
-                        self._unload()
+                        self._unload(f"idle for {self.idle_unload_s:.0f} s")
                         continue
                     waits.append(self.idle_unload_s - idle)
             item = self._wait(min(waits) if waits else None)
@@ -347,7 +382,7 @@ class Engine(BatchMode, WarmUpMode):
             self._refresh_snapshot()
         return wrote
 
-    def _unload(self) -> None:
+    def _unload(self, why: str) -> int:
         try:
             moved = self.store.spill()
         except Exception:  # noqa: BLE001 - unloading must not stop the engine
@@ -355,7 +390,31 @@ class Engine(BatchMode, WarmUpMode):
             moved = 0
         self._refresh_snapshot()  # the caches' new places, before the status says "not loaded"
         self.runtime.unload()
-        log.info("idle for %.0f s: model unloaded, %d caches moved to disk", self.idle_unload_s, moved)
+        log.info("%s: model %s unloaded, %d caches moved to disk", why, self.runtime.name, moved)
+        return moved
+
+    def _switch(self, load: Callable[[], ModelRuntime]) -> int:
+        while self._deferred:  # their prompts are the old tokenizer's
+            turn = self._deferred.popleft()
+            self._end_warm(turn, self._superseded(turn))
+        old = self.runtime
+        moved = self._unload("switching models") if old.loaded else 0
+        self.store.clear()  # what could not be written to disk
+        try:
+            new = load()
+        except BaseException:
+            log.error("loading the new model failed; loading %s back", old.name)
+            old.ensure_loaded()
+            raise
+        self.runtime = new
+        self.store = self.store.reopen(new.fingerprint)
+        self._batchable = new.can_batch
+        if self.max_batch > 1 and not self._batchable:
+            log.info("this model's caches cannot be batched: concurrent turns run one at a time")
+        args = getattr(new.model, "args", None)
+        self._vocab_size = int(getattr(args, "vocab_size", 0) or len(new.tokenizer.vocab))
+        self._last_turn_at = time.monotonic()  # the idle delays count from the switch
+        return moved
 
     def _refresh_snapshot(self) -> None:
         self._stats = self.store.stats()

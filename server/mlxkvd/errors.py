@@ -36,6 +36,14 @@ class ModelLoadError(MlxkvError):
     """The model directory is missing, incomplete or corrupt."""
 
 
+class ModelNotFoundError(MlxkvError, LookupError):
+    """A request names a model that is neither in the catalogue nor a directory."""
+
+
+class BadModelError(InvalidRequestError):
+    """A request names a directory that is not a model mlx-lm can load."""
+
+
 class ModelChangedError(ModelLoadError):
     """The model's files changed on disk while it was unloaded; a restart serves the new ones."""
 
@@ -52,6 +60,7 @@ STATUS_CODES: dict[type[MlxkvError], grpc.StatusCode] = {
     InvalidRequestError: grpc.StatusCode.INVALID_ARGUMENT,
     StaleRevisionError: grpc.StatusCode.FAILED_PRECONDITION,
     ConversationNotFoundError: grpc.StatusCode.NOT_FOUND,
+    ModelNotFoundError: grpc.StatusCode.NOT_FOUND,
     ConversationBusyError: grpc.StatusCode.ABORTED,
     ContextOverflowError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     # Not FAILED_PRECONDITION: clients read that as "conversation lost" and resend the history.

@@ -78,12 +78,17 @@ class Turn:
     reply_prefix: str = ""  # the end of the prompt that is the reply's start (a forced call)
     tools_ignored: bool = False
     warm: bool = False  # a warm-up: prefill the prompt, generate nothing, commit nothing
+    context_length: int = 0  # its context window, when capped below the model's (0: not)
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)
     # Tokens generated so far (engine thread), and how many there were at cancel().
     generated: int = 0
     generated_at_cancel: int | None = None
+
+    def context_length_of(self, runtime: Any) -> int:
+        """Its context window on ``runtime``: the model's, or the turn's cap below it."""
+        return min(self.context_length or runtime.context_length, runtime.context_length)
 
     def cancel(self) -> None:
         if not self.cancelled.is_set():

@@ -107,6 +107,7 @@ class Daemon:
         self.signals = _Signals()
         self.claim = None
         self.engine = None
+        self.models = None
         self.server = None
         self.health = None
         self.service = None
@@ -115,12 +116,13 @@ class Daemon:
     def startup(self) -> None:
         """Claim the socket, load the model, start the engine and the server; raises
         ``StartupError`` with the exit code when one of them cannot be done."""
+        from .catalog import Catalog
         from .conversations import ConversationRegistry
         from .convert import ModelUnavailableError
         from .engine import Engine
-        from .errors import ModelLoadError
+        from .errors import MlxkvError
         from .kvcache import MlxCacheOps
-        from .runtime import load_runtime
+        from .models import ModelHost
         from .server import create_server
         from .socketfile import SocketError, claim
         from .store import CacheStore
@@ -133,10 +135,13 @@ class Daemon:
         except SocketError as exc:
             raise StartupError(EXIT_SOCKET, str(exc)) from None
         service_unit.notify(f"STATUS=loading {config.model or 'the default model'}")
+        catalog = Catalog(cache_dir=config.cache_dir, models_dir=config.models_dir)
         try:
-            runtime = load_runtime(config.model, config.cache_dir, kv_bits=config.kv_bits,
-                                   chat_template=config.chat_template)
-        except (ModelLoadError, ModelUnavailableError) as exc:
+            model = config.model
+            entry = catalog.resolve(str(model.absolute()) if model and model.is_dir() else str(model or ""))
+            loader = _Loader(config, entry)
+            runtime = loader(entry)
+        except (MlxkvError, ModelUnavailableError) as exc:
             raise StartupError(EXIT_MODEL, str(exc)) from None
         from . import blas
 
@@ -160,8 +165,10 @@ class Daemon:
             max_batch=config.max_batch,
         )
         self.engine.start()
+        self.models = ModelHost(self.engine, catalog, entry, loader, context_caps=config.context_length)
         self.server, self.health, self.service = create_server(
             self.engine,
+            self.models,
             self.claim.bind_path,  # gRPC unlinks the path it bound when it stops: not the public one
             default_max_tokens=config.default_max_tokens,
             max_message_bytes=config.max_message_bytes,
@@ -254,6 +261,29 @@ class Daemon:
                 log.exception("%s failed", what)
         if self.server is not None:
             log.info("stopped in %.1f s", time.monotonic() - started)
+
+
+class _Loader:
+    """Loads a catalogue entry's runtime with the daemon's settings: its KV bits for every
+    model, ``--chat-template`` for the model it started with only (a template is written for
+    one model family). The default model is converted first if it has not been."""
+
+    def __init__(self, config: Config, first: Any):
+        from .runtime import read_chat_template
+
+        self.config = config
+        self.first = first.path
+        self.template = read_chat_template(config.chat_template) if config.chat_template else None
+
+    def __call__(self, entry: Any, progress: Callable[[float], None] | None = None) -> Any:
+        from .convert import ensure_default_model
+        from .runtime import ModelRuntime
+
+        path = ensure_default_model(self.config.cache_dir) if entry.source == "default" else entry.path
+        # A directory named by path keeps its directory's name, as --model always did.
+        name = None if entry.source == "path" else entry.name
+        return ModelRuntime(path, name=name, kv_bits=self.config.kv_bits, progress=progress,
+                            chat_template=self.template if entry.path == self.first else None)
 
 
 def serve(config: Config, load: Callable[[], Config] | None = None) -> int:

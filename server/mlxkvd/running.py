@@ -50,7 +50,7 @@ class RunningTurn:
         self._counters = counters
         self.key = None if turn.one_shot else turn.plan.conversation_id
         self.prompt = turn.prompt.ids
-        self.max_tokens = min(turn.max_tokens, runtime.context_length - len(self.prompt))
+        self.max_tokens = min(turn.max_tokens, turn.context_length_of(runtime) - len(self.prompt))
         sampling = turn.sampling
         if sampling.top_k >= vocab_size:
             # Keeping more tokens than the vocabulary has keeps them all. mlx-lm raises on it,
@@ -85,7 +85,7 @@ class RunningTurn:
     def length_for(turn: Turn, runtime: ModelRuntime) -> int:
         """The most tokens a turn's cache holds: its prompt and every token it may generate."""
         prompt = len(turn.prompt.ids)
-        return prompt + min(turn.max_tokens, runtime.context_length - prompt)
+        return prompt + min(turn.max_tokens, turn.context_length_of(runtime) - prompt)
 
     def begin(self, refresh: Callable[[], None]) -> None:
         """Lease the cache and send ``Started``; ``refresh`` updates the status snapshot."""
@@ -101,6 +101,10 @@ class RunningTurn:
         if lookup.diverged_at is not None and reason:
             index = self.turn.prompt.message_at(lookup.diverged_at, plan.messages)
             reason = f"{reason} (message {index}, role {plan.messages[index].get('role')})"
+        if plan.previous_model:
+            why = (f"its last turn ran on model {plan.previous_model!r}; a cache belongs to the "
+                   f"model that made it, so {plan.model!r} prefills what it has not cached itself")
+            reason = f"{why}: {reason}" if reason else why
         if reason:
             log.info("conversation %r reuses %d of its tokens: %s", self.key, self.cached, reason)
         self.turn.events.put(Started(len(self.prompt), self.cached, lookup.source, reason,

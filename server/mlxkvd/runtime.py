@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 from mlx_lm import load
@@ -107,7 +107,8 @@ class ModelRuntime:
     """One resident model. Cheap queries are thread-safe; generation is engine-thread only."""
 
     def __init__(
-        self, model_dir: Path, *, name: str | None = None, kv_bits: int = 0, chat_template: str | None = None
+        self, model_dir: Path, *, name: str | None = None, kv_bits: int = 0, chat_template: str | None = None,
+        progress: Callable[[float], None] | None = None,
     ):
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
@@ -118,7 +119,7 @@ class ModelRuntime:
         self.backend = backend_name()
         self.prefill_step = PREFILL_STEP_CPU if self.backend == "cpu" else PREFILL_STEP_GPU
         self.fingerprint = self._current_fingerprint()
-        config = self._load()
+        config = self._load(progress)
         self.context_length = int(
             config.get("max_position_embeddings")
             or getattr(self.tokenizer, "model_max_length", 0)
@@ -141,21 +142,25 @@ class ModelRuntime:
             fingerprint += "-t" + hashlib.sha256(self.chat_template.encode()).hexdigest()[:8]
         return fingerprint
 
-    def _load(self) -> dict:
+    def _load(self, progress: Callable[[float], None] | None = None) -> dict:
         started = time.monotonic()
         try:
             extra = {"chat_template": self.chat_template} if self.chat_template is not None else None
-            self.model, self.tokenizer, config = load(
-                str(self.model_dir), return_config=True, tokenizer_config=extra
+            model, self.tokenizer, config = load(
+                str(self.model_dir), return_config=True, tokenizer_config=extra, lazy=True
             )
+            if self.backend == "cpu":
+                # MLX's CPU backend has no fast quantized matmul: float32 weights through BLAS
+                # are an order of magnitude faster than 4-bit ones.
+                dequantize_model(model)
+                model.set_dtype(mx.float32)
+            _materialize(model, progress)
         except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model directory
+            model = None
+            gc.collect()
+            mx.clear_cache()
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
-        if self.backend == "cpu":
-            # MLX's CPU backend has no fast quantized matmul: float32 weights through BLAS
-            # are an order of magnitude faster than 4-bit ones.
-            dequantize_model(self.model)
-            self.model.set_dtype(mx.float32)
-        mx.eval(self.model.parameters())
+        self.model = model
         self._resident = True
         log.info(
             "model %s loaded in %.1f s: backend %s, fingerprint %s",
@@ -358,6 +363,28 @@ class ModelRuntime:
             "context_length": self.context_length,
             "prefill_step": self.prefill_step,
         }
+
+
+# Parts of the weights read per progress report.
+_LOAD_STEPS = 50
+
+
+def _materialize(model: Any, progress: Callable[[float], None] | None) -> None:
+    """Read a lazily loaded model's weights, in about ``_LOAD_STEPS`` parts by bytes, calling
+    ``progress`` with the fraction read after each (a large model takes tens of seconds)."""
+    from mlx.utils import tree_flatten
+
+    params = [v for _, v in tree_flatten(model.parameters())]
+    total = sum(v.nbytes for v in params) or 1
+    part, done, group = total / _LOAD_STEPS, 0, []
+    for i, value in enumerate(params):
+        group.append(value)
+        done += value.nbytes
+        if sum(v.nbytes for v in group) >= part or i == len(params) - 1:
+            mx.eval(group)
+            group = []
+            if progress is not None:
+                progress(done / total)
 
 
 def _return_free_memory() -> None:

@@ -13,6 +13,7 @@ from grpc_reflection.v1alpha import reflection
 from mlxkv.v1 import inference_pb2, inference_pb2_grpc
 
 from .engine import Engine
+from .models import ModelHost
 from .service import InferenceService
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
@@ -20,6 +21,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 
 def create_server(
     engine: Engine,
+    models: ModelHost,
     socket_path: Path,
     *,
     default_max_tokens: int = 512,
@@ -36,7 +38,7 @@ def create_server(
         ],
     )
     service = InferenceService(
-        engine, default_max_tokens=default_max_tokens, socket_path=str(socket_path)
+        engine, models, default_max_tokens=default_max_tokens, socket_path=str(socket_path)
     )
     inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
     health_servicer = health.HealthServicer()

@@ -18,7 +18,9 @@ from mlxkv.v1 import inference_pb2_grpc as pb_grpc
 
 from . import params
 from .conversations import ConversationRecord
+from .catalog import ModelEntry
 from .engine import Engine
+from .models import ModelHost
 from .events import Failed, Finished, Started, Text, Turn
 from .reply import ToolCall
 from .errors import ConversationNotFoundError, InvalidRequestError, MlxkvError, status_code
@@ -111,7 +113,14 @@ def _conversation_pb(record: ConversationRecord, cache: tuple[str, tuple[int, ..
         cache_bytes=nbytes,
         created_at=record.created_at,
         updated_at=record.updated_at,
+        model=record.model,
     )
+
+
+def _model_pb(entry: ModelEntry, loaded: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(name=entry.name, path=str(entry.path), source=entry.source, size_bytes=entry.size_bytes,
+                        quantization=entry.quantization, context_length=entry.context_length,
+                        model_type=entry.model_type, loaded=loaded, ready=entry.ready)
 
 
 def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.GenerateResponse:
@@ -167,10 +176,11 @@ def rss_bytes() -> int:
 class InferenceService(pb_grpc.InferenceServicer):
     """A thin adapter: protobuf in, engine turns and registry queries, protobuf out."""
 
-    def __init__(self, engine: Engine, *, default_max_tokens: int, socket_path: str = ""):
+    def __init__(self, engine: Engine, models: ModelHost, *, default_max_tokens: int, socket_path: str = ""):
         self.engine = engine
+        self.models = models
         self.registry = engine.registry
-        self.turns = Turns(engine, engine.registry)
+        self.turns = Turns(engine, engine.registry, models)
         self.default_max_tokens = default_max_tokens
         self.socket_path = socket_path
         self.started_at = time.monotonic()
@@ -185,9 +195,11 @@ class InferenceService(pb_grpc.InferenceServicer):
             reset=request.reset,
             base_revision=request.base_revision,
             sampling=_sampling(request),
-            max_tokens=params.max_tokens(max_tokens, self.engine.runtime.context_length),
+            max_tokens=max_tokens,
             stop=params.stop_strings(request.stop),
             tool_choice=request.tool_choice,
+            model=request.model,
+            context_length=request.context_length if request.HasField("context_length") else 0,
         )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
@@ -215,7 +227,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             validate_conversation_id(request.conversation_id, allow_empty=False)
             turn = self.turns.warm(request.conversation_id, _messages(request), _tools(request),
-                                   reset=request.reset, base_revision=request.base_revision)
+                                   reset=request.reset, base_revision=request.base_revision,
+                                   model=request.model)
         except MlxkvError as exc:
             context.abort(status_code(exc), str(exc))
         if not context.add_callback(turn.cancel):
@@ -262,8 +275,32 @@ class InferenceService(pb_grpc.InferenceServicer):
             context.abort(status_code(exc), str(exc))
         return pb.DeleteConversationResponse()
 
+    def ListModels(self, request, context):
+        resident = self.models.entry
+        models = self.models.catalog.entries()
+        if not any(e.path == resident.path for e in models):
+            models.insert(0, resident)  # a directory a request named
+        loaded = self.engine.runtime.loaded
+        return pb.ListModelsResponse(models=[_model_pb(e, loaded and e.path == resident.path) for e in models])
+
+    def LoadModel(self, request, context):
+        try:
+            switched = self.models.switch(request.model)
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        return pb.LoadModelResponse(model=_model_pb(switched.entry, True), switch_s=switched.switch_s,
+                                    load_s=switched.load_s, loaded_now=switched.loaded_now)
+
+    def UnloadModel(self, request, context):
+        try:
+            name, moved = self.engine.unload_model()
+        except MlxkvError as exc:
+            context.abort(status_code(exc), str(exc))
+        return pb.UnloadModelResponse(model=name, caches_moved=moved)
+
     def GetStatus(self, request, context):
         rt = self.engine.runtime
+        state = self.models.state
         c = self.engine.counters
         stats = self.engine.store_stats()
         tiers = [
@@ -298,6 +335,9 @@ class InferenceService(pb_grpc.InferenceServicer):
             conversations=len(self.registry),
             rss_bytes=rss_bytes(),
             socket=self.socket_path,
-            context_length=rt.context_length,
+            context_length=self.models.context_length(rt),
             weights_dtype=rt.weights_dtype,
+            model_state=state.state,
+            load_progress=state.progress,
+            model_path=str(rt.model_dir),
         )

@@ -119,7 +119,7 @@ class CacheStore:
     """Per-conversation KV caches in a memory tier and an optional disk tier.
 
     ``fingerprint`` names the model the caches were made with; disk files with another
-    fingerprint are removed at startup. ``max_bytes`` bounds resident (allocated) bytes;
+    fingerprint are kept for that model (``reopen``) and never served. ``max_bytes`` bounds resident (allocated) bytes;
     0 keeps nothing in memory. ``max_disk_bytes`` bounds the disk tier (0 or no ``disk_dir``:
     no disk tier). ``ttl_s`` forgets entries unused for that long (see ``expire``).
     ``min_shared_prefix`` is the shortest prefix worth copying from another entry; it also sets
@@ -141,6 +141,10 @@ class CacheStore:
     ):
         self._ops = ops
         self._min_shared_prefix = min_shared_prefix
+        # What ``reopen`` passes on (kept current by the setters).
+        self._settings = dict(max_bytes=max_bytes, disk_dir=disk_dir, max_disk_bytes=max_disk_bytes,
+                              ttl_s=ttl_s, clock=clock, min_shared_prefix=min_shared_prefix,
+                              max_anonymous=max_anonymous)
         self._next_lease = 1
         self._gone: lru.LRU = lru.LRU(_GONE_CAPACITY)  # key -> why it is no longer stored
         self._shared_hits = 0
@@ -254,6 +258,12 @@ class CacheStore:
             if not _is_internal(key):
                 self._gone[key] = "stored with another model"
 
+    def reopen(self, fingerprint: str) -> "CacheStore":
+        """A store for the model ``fingerprint`` with this one's budgets and directory: the
+        same disk tier's files, that model's served (after ``spill`` and ``clear`` here, when
+        the resident model is switched)."""
+        return CacheStore(self._ops, fingerprint=fingerprint, **self._settings)
+
     # ------------------------------------------------------------------------------ tiers
 
     def make_room(self, key: str, tokens: int) -> bool:
@@ -282,10 +292,12 @@ class CacheStore:
 
     def set_ttl(self, ttl_s: float | None) -> None:
         """Change the idle lifetime of caches (None: forever)."""
+        self._settings["ttl_s"] = ttl_s
         self._tiers.set_ttl(ttl_s)
 
     def set_memory_budget(self, max_bytes: int) -> None:
         """Change the memory budget, evicting at once if it shrank (e.g. memory pressure)."""
+        self._settings["max_bytes"] = max_bytes
         self._tiers.set_memory_budget(max_bytes)
 
     # --------------------------------------------------------------------------- queries

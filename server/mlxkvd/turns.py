@@ -8,6 +8,10 @@ what changed since the conversation's last prompt is tokenized, see ``prompt.py`
 that cannot fit the model's context is refused, tool choice is applied, and the engine gets a
 ``Turn`` ready to run. A refused turn releases its claim.
 
+Every turn names its model (``model``: "" for the resident one); ``models.ModelHost`` holds it
+resident from the render to the submission, switching to it first if need be, so that a
+turn's ids are always its model's.
+
 A warm-up (``warm``) is planned the same way, from a draft of the next turn, without claiming
 the conversation (it commits nothing). A newer warm-up of a conversation, or a turn of it,
 supersedes (cancels) the warm-up of it still running: the turn's lease then comes after the
@@ -26,7 +30,8 @@ from .conversations import ConversationRegistry, TurnPlan
 from .engine import Engine, Turn
 from .errors import ContextOverflowError, ConversationBusyError, InvalidRequestError, StaleRevisionError
 from .events import Failed, Warmed
-from .runtime import Sampling
+from .models import ModelHost
+from .runtime import ModelRuntime, Sampling
 from .sessions import Sessions, new_conversation_id
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -60,9 +65,10 @@ def check_messages(messages: Sequence[dict[str, Any]]) -> None:
 class Turns:
     """Prepares and submits turns for the adapters."""
 
-    def __init__(self, engine: Engine, registry: ConversationRegistry):
+    def __init__(self, engine: Engine, registry: ConversationRegistry, models: ModelHost):
         self.engine = engine
         self.registry = registry
+        self.models = models
         self.sessions = Sessions(registry)
         self._warm_ups: dict[str, Turn] = {}  # conversation id -> its warm-up in flight
         self._warm_lock = threading.Lock()
@@ -79,26 +85,37 @@ class Turns:
         max_tokens: int,
         stop: Sequence[str] = (),
         tool_choice: str = "auto",
+        model: str = "",
+        context_length: int = 0,
+        clamp_max_tokens: bool = False,
     ) -> Turn:
         """Claim, render, check and submit one turn; its events arrive on ``turn.events``.
         ``conversation_id`` empty: a one-shot turn, nothing is kept. ``tool_choice``: "auto"
-        (or ""), "none" (tools rendered, calls not parsed), "required", or a tool's name."""
+        (or ""), "none" (tools rendered, calls not parsed), "required", or a tool's name.
+        ``model``: a catalogue name or directory ("": the resident model); ``context_length``:
+        a cap of the turn's context window (0: none). ``max_tokens`` past the window is
+        refused, or with ``clamp_max_tokens`` cut to it."""
         check_messages(messages)
         one_shot = not conversation_id
-        if one_shot:
-            plan = TurnPlan("", list(messages), list(tools), 0)
-        else:
-            self._supersede(conversation_id)
-            plan = self.registry.begin_turn(
-                conversation_id, messages, tools, reset=reset, base_revision=base_revision
-            )
-        try:
-            turn = self._prepare(plan, sampling, max_tokens, tuple(stop), one_shot, tool_choice)
-            self.engine.submit(turn)
-        except BaseException:
-            if not one_shot:
-                self.registry.abandon_turn(plan)
-            raise
+        with self.models.use(model) as runtime:
+            on = {"model": runtime.name, "fingerprint": runtime.fingerprint}
+            if one_shot:
+                plan = TurnPlan("", list(messages), list(tools), 0, **on)
+            else:
+                self._supersede(conversation_id)
+                plan = self.registry.begin_turn(
+                    conversation_id, messages, tools, reset=reset, base_revision=base_revision, **on
+                )
+            try:
+                limit = self.models.context_length(runtime, context_length)
+                max_tokens = params.max_tokens(min(max_tokens, limit) if clamp_max_tokens else max_tokens, limit)
+                turn = self._prepare(runtime, plan, sampling, max_tokens, tuple(stop), one_shot, tool_choice,
+                                     limit=limit)
+                self.engine.submit(turn)
+            except BaseException:
+                if not one_shot:
+                    self.registry.abandon_turn(plan)
+                raise
         return turn
 
     def submit_stateless(
@@ -135,31 +152,36 @@ class Turns:
         *,
         reset: bool,
         base_revision: int,
+        model: str = "",
     ) -> Turn:
         """Submit a warm-up of a draft of the conversation's next turn: ``messages`` and the
         rest as ``submit`` takes them (``conversation_id`` empty: an anonymous one, whose cache
         a later conversation can start from). ``wait_warm`` gives its outcome."""
         check_messages(messages)
-        if conversation_id:
-            plan = self.registry.plan_draft(conversation_id, messages, tools, reset=reset,
-                                            base_revision=base_revision)
-        else:
-            plan = TurnPlan("", list(messages), list(tools), 0)
-        turn = self._prepare(plan, params.sampling(), 1, (), not conversation_id, "auto", warm=True)
-        if conversation_id:
-            self._supersede(conversation_id, turn)
-        self.engine.submit(turn)
+        with self.models.use(model) as runtime:
+            on = {"model": runtime.name, "fingerprint": runtime.fingerprint}
+            if conversation_id:
+                plan = self.registry.plan_draft(conversation_id, messages, tools, reset=reset,
+                                                base_revision=base_revision, **on)
+            else:
+                plan = TurnPlan("", list(messages), list(tools), 0, **on)
+            turn = self._prepare(runtime, plan, params.sampling(), 1, (), not conversation_id, "auto",
+                                 warm=True, limit=self.models.context_length(runtime))
+            if conversation_id:
+                self._supersede(conversation_id, turn)
+            self.engine.submit(turn)
         return turn
 
-    def warm_stateless(self, session: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> Turn:
+    def warm_stateless(self, session: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                       model: str = "") -> Turn:
         """A warm-up for an API that resends the whole history: onto the session's
         conversation that stored the draft's beginning, else an anonymous one."""
         check_messages(messages)
         found = self.sessions.find(session, messages, tools)
         if found is None:
-            return self.warm("", messages, tools, reset=True, base_revision=0)
+            return self.warm("", messages, tools, reset=True, base_revision=0, model=model)
         return self.warm(found.conversation_id, messages[found.stored:], tools, reset=False,
-                         base_revision=found.revision)
+                         base_revision=found.revision, model=model)
 
     def wait_warm(self, turn: Turn) -> Warmed:
         """The warm-up's outcome, once it has ended; raises its error if it failed."""
@@ -180,12 +202,13 @@ class Turns:
         if old is not None:
             old.cancel()
 
-    def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
-        """Tokens of the prompt these messages render to (with the generation prompt)."""
+    def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], model: str = "") -> int:
+        """Tokens of the prompt these messages render to (with the generation prompt) on
+        ``model`` (switched to if need be: its tokenizer counts)."""
         check_messages(messages)
-        renderer = self.engine.runtime.renderer
-        self._check_size(messages)
-        return len(renderer.render(messages, tools))
+        with self.models.use(model) as runtime:
+            self._check_size(runtime, messages, self.models.context_length(runtime))
+            return len(runtime.renderer.render(messages, tools))
 
     def cancel(self, turn: Turn) -> None:
         """The turn's client went away (or the RPC ended): stop it, and let a next turn of
@@ -194,24 +217,22 @@ class Turns:
         if not turn.one_shot:
             self.registry.cancel_turn(turn.plan)
 
-    def _check_size(self, messages: Sequence[dict[str, Any]]) -> None:
-        limit = self.engine.runtime.context_length
-        if self.engine.runtime.renderer.min_tokens(messages) >= limit:
+    @staticmethod
+    def _check_size(runtime: ModelRuntime, messages: Sequence[dict[str, Any]], limit: int) -> None:
+        if runtime.renderer.min_tokens(messages) >= limit:
             # Refused before tokenizing: a huge request costs a sum of lengths, not seconds.
             raise ContextOverflowError(
-                f"the messages take more than {limit} tokens, the model's context window"
+                f"the messages take more than {limit} tokens, the {_window(runtime, limit)}"
             )
 
     def _prepare(
-        self, plan: TurnPlan, sampling: Sampling, max_tokens: int, stop: tuple[str, ...], one_shot: bool,
-        tool_choice: str, *, warm: bool = False,
+        self, runtime: ModelRuntime, plan: TurnPlan, sampling: Sampling, max_tokens: int, stop: tuple[str, ...],
+        one_shot: bool, tool_choice: str, *, limit: int, warm: bool = False,
     ) -> Turn:
-        runtime = self.engine.runtime
         renderer = runtime.renderer
-        limit = runtime.context_length
-        self._check_size(plan.messages)
+        self._check_size(runtime, plan.messages, limit)
         tools_ignored = bool(plan.tools) and not renderer.renders_tools
-        forced = self._forced_call(tool_choice, plan.tools, tools_ignored)
+        forced = self._forced_call(runtime, tool_choice, plan.tools, tools_ignored)
         prompt = renderer.render(
             plan.messages, plan.tools, previous=plan.previous_prompt, continues=plan.continues
         )
@@ -221,7 +242,7 @@ class Turns:
             prompt = dataclasses.replace(prompt, text=grown.text, ids=grown.ids, marks=grown.marks)
         if len(prompt) >= limit:
             raise ContextOverflowError(
-                f"the prompt has {len(prompt)} tokens; the model's context window is {limit}"
+                f"the prompt has {len(prompt)} tokens; the {_window(runtime, limit)} is {limit}"
             )
         boundary = None
         if runtime.needs_checkpoints and not one_shot and not warm:
@@ -235,9 +256,11 @@ class Turns:
         parse = plan.tools and tool_choice != "none" and not tools_ignored
         return Turn(plan, prompt, sampling, max_tokens, stop, one_shot=one_shot, boundary=boundary,
                     tool_format=runtime.tool_format if parse else None, reply_prefix=forced,
-                    tools_ignored=tools_ignored, warm=warm)
+                    tools_ignored=tools_ignored, warm=warm,
+                    context_length=limit if limit < runtime.context_length else 0)
 
-    def _forced_call(self, tool_choice: str, tools: list[dict[str, Any]], tools_ignored: bool) -> str:
+    @staticmethod
+    def _forced_call(runtime: ModelRuntime, tool_choice: str, tools: list[dict[str, Any]], tools_ignored: bool) -> str:
         """The text a reply must start with for ``tool_choice`` ("" when it is free)."""
         if tool_choice in ("", "auto", "none"):
             return ""
@@ -247,7 +270,7 @@ class Turns:
                 f"tool_choice {tool_choice!r} is not 'auto', 'none', 'required' nor the name of "
                 f"a tool sent ({', '.join(names) or 'none sent'})"
             )
-        tool_format = self.engine.runtime.tool_format
+        tool_format = runtime.tool_format
         if tools_ignored or tool_format is None:
             raise InvalidRequestError(
                 f"tool_choice {tool_choice!r} needs a tool call, but the model's chat template "
@@ -260,3 +283,10 @@ class Turns:
             # No space at the end: BPE vocabularies join it to the next token (' {').
             return tool_format.start + '\n{"name": ' + json.dumps(tool_choice) + ', "arguments":'
         return tool_format.start
+
+
+def _window(runtime: ModelRuntime, limit: int) -> str:
+    """How an error names the context window ``limit``."""
+    if limit < runtime.context_length:
+        return f"context window this turn gets (capped below the model's {runtime.context_length})"
+    return "model's context window"

@@ -30,6 +30,7 @@ class WarmUpMode:
 
     _deferred: collections.deque[Turn]  # warm-ups set aside for turns, oldest first
     _warm_cached: dict[int, int]  # id(turn) -> tokens cached when it first started
+    _warm_held: dict[int, int]  # id(turn) -> tokens prefilled when it was set aside
 
     def _turn_queued(self) -> bool:
         """Whether a turn (not a warm-up) waits in the queue."""
@@ -62,12 +63,19 @@ class WarmUpMode:
             self._end_warm(turn, Failed(exc))
             return
         if held < len(prompt) and not turn.cancelled.is_set():
+            self._warm_held[id(turn)] = held
             self._deferred.append(turn)  # a turn waits: it goes first, this one resumes after
             return
         cached = self._warm_cached.get(id(turn), held)
         self._end_warm(turn, Warmed(len(prompt), cached, max(0, held - cached), held < len(prompt)))
 
+    def _superseded(self, turn: Turn) -> Warmed:
+        """The outcome of a warm-up set aside that will not resume."""
+        cached, held = self._warm_cached.get(id(turn), 0), self._warm_held.get(id(turn), 0)
+        return Warmed(len(turn.prompt.ids), cached, max(0, held - cached), True)
+
     def _end_warm(self, turn: Turn, event: Warmed | Failed) -> None:
+        self._warm_held.pop(id(turn), None)
         self._warm_cached.pop(id(turn), None)
         self._last_turn_at = time.monotonic()
         with self._active_lock:

@@ -84,7 +84,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "sampling", "max_tokens", "stop", "tools", "tool_choice")
+    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "sampling", "max_tokens", "stop", "tools", "tool_choice", "model", "context_length")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,8 @@ class GenerateRequest(_message.Message):
     STOP_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     reset: bool
@@ -103,21 +105,25 @@ class GenerateRequest(_message.Message):
     stop: _containers.RepeatedScalarFieldContainer[str]
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
     tool_choice: str
-    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ...) -> None: ...
+    model: str
+    context_length: int
+    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
 
 class WarmRequest(_message.Message):
-    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "tools")
+    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "tools", "model")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
     BASE_REVISION_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     reset: bool
     base_revision: int
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
-    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ...) -> None: ...
+    model: str
+    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class WarmResponse(_message.Message):
     __slots__ = ("prompt_tokens", "cached_tokens", "prefilled_tokens", "superseded", "total_s")
@@ -220,7 +226,7 @@ class GetConversationRequest(_message.Message):
     def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
 
 class Conversation(_message.Message):
-    __slots__ = ("conversation_id", "revision", "messages", "tools", "tokens", "cache_tier", "cache_bytes", "created_at", "updated_at")
+    __slots__ = ("conversation_id", "revision", "messages", "tools", "tokens", "cache_tier", "cache_bytes", "created_at", "updated_at", "model")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +236,7 @@ class Conversation(_message.Message):
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     revision: int
     messages: _containers.RepeatedCompositeFieldContainer[Message]
@@ -239,7 +246,8 @@ class Conversation(_message.Message):
     cache_bytes: int
     created_at: float
     updated_at: float
-    def __init__(self, conversation_id: _Optional[str] = ..., revision: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tokens: _Optional[int] = ..., cache_tier: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ...) -> None: ...
+    model: str
+    def __init__(self, conversation_id: _Optional[str] = ..., revision: _Optional[int] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tokens: _Optional[int] = ..., cache_tier: _Optional[str] = ..., cache_bytes: _Optional[int] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ListConversationsRequest(_message.Message):
     __slots__ = ()
@@ -284,7 +292,7 @@ class CacheTier(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype")
+    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype", "model_state", "load_progress", "model_path")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +311,9 @@ class Status(_message.Message):
     SOCKET_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_STATE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     model_fingerprint: str
@@ -321,4 +332,69 @@ class Status(_message.Message):
     socket: str
     context_length: int
     weights_dtype: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ...) -> None: ...
+    model_state: str
+    load_progress: float
+    model_path: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ..., model_state: _Optional[str] = ..., load_progress: _Optional[float] = ..., model_path: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "path", "source", "size_bytes", "quantization", "context_length", "model_type", "loaded", "ready")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    source: str
+    size_bytes: int
+    quantization: str
+    context_length: int
+    model_type: str
+    loaded: bool
+    ready: bool
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., source: _Optional[str] = ..., size_bytes: _Optional[int] = ..., quantization: _Optional[str] = ..., context_length: _Optional[int] = ..., model_type: _Optional[str] = ..., loaded: _Optional[bool] = ..., ready: _Optional[bool] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class LoadModelRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class LoadModelResponse(_message.Message):
+    __slots__ = ("model", "switch_s", "load_s", "loaded_now")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    SWITCH_S_FIELD_NUMBER: _ClassVar[int]
+    LOAD_S_FIELD_NUMBER: _ClassVar[int]
+    LOADED_NOW_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    switch_s: float
+    load_s: float
+    loaded_now: bool
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., switch_s: _Optional[float] = ..., load_s: _Optional[float] = ..., loaded_now: _Optional[bool] = ...) -> None: ...
+
+class UnloadModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class UnloadModelResponse(_message.Message):
+    __slots__ = ("model", "caches_moved")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CACHES_MOVED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    caches_moved: int
+    def __init__(self, model: _Optional[str] = ..., caches_moved: _Optional[int] = ...) -> None: ...

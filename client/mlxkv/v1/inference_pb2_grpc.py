@@ -64,6 +64,21 @@ class InferenceStub:
                 request_serializer=mlxkv_dot_v1_dot_inference__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=mlxkv_dot_v1_dot_inference__pb2.Status.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/mlxkv.v1.Inference/ListModels',
+                request_serializer=mlxkv_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=mlxkv_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
+        self.LoadModel = channel.unary_unary(
+                '/mlxkv.v1.Inference/LoadModel',
+                request_serializer=mlxkv_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+                response_deserializer=mlxkv_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+                _registered_method=True)
+        self.UnloadModel = channel.unary_unary(
+                '/mlxkv.v1.Inference/UnloadModel',
+                request_serializer=mlxkv_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+                response_deserializer=mlxkv_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -116,6 +131,28 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """The local models a request may name (see GenerateRequest.model), the loaded one marked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadModel(self, request, context):
+        """Make a model the resident one (an IDE preloads at start): waits for running turns of the
+        current model, writes its caches to disk and unloads it first. Answers once it is loaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnloadModel(self, request, context):
+        """Free the resident model's memory: its caches go to disk, the next turn loads it again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +185,21 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=mlxkv_dot_v1_dot_inference__pb2.GetStatusRequest.FromString,
                     response_serializer=mlxkv_dot_v1_dot_inference__pb2.Status.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=mlxkv_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=mlxkv_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'LoadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadModel,
+                    request_deserializer=mlxkv_dot_v1_dot_inference__pb2.LoadModelRequest.FromString,
+                    response_serializer=mlxkv_dot_v1_dot_inference__pb2.LoadModelResponse.SerializeToString,
+            ),
+            'UnloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnloadModel,
+                    request_deserializer=mlxkv_dot_v1_dot_inference__pb2.UnloadModelRequest.FromString,
+                    response_serializer=mlxkv_dot_v1_dot_inference__pb2.UnloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +364,87 @@ class Inference:
             '/mlxkv.v1.Inference/GetStatus',
             mlxkv_dot_v1_dot_inference__pb2.GetStatusRequest.SerializeToString,
             mlxkv_dot_v1_dot_inference__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxkv.v1.Inference/ListModels',
+            mlxkv_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            mlxkv_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxkv.v1.Inference/LoadModel',
+            mlxkv_dot_v1_dot_inference__pb2.LoadModelRequest.SerializeToString,
+            mlxkv_dot_v1_dot_inference__pb2.LoadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlxkv.v1.Inference/UnloadModel',
+            mlxkv_dot_v1_dot_inference__pb2.UnloadModelRequest.SerializeToString,
+            mlxkv_dot_v1_dot_inference__pb2.UnloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

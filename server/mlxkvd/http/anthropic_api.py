@@ -26,7 +26,8 @@ from ..reply import ToolCall
 from . import fields
 from .errors import ANTHROPIC, error_body
 from .fields import invalid
-from .gateway import Gateway, sse, turn_headers
+from ..catalog import ModelEntry
+from .gateway import Gateway, created_at, sse, turn_headers
 
 STOP_REASONS = {"stop": "end_turn", "stop_string": "stop_sequence", "length": "max_tokens", "tool_calls": "tool_use"}
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
@@ -142,27 +143,28 @@ class AnthropicApi:
         return [Route("/v1/messages", self.messages, methods=["POST"]),
                 Route("/v1/messages/count_tokens", self.count_tokens, methods=["POST"])]
 
-    def model_json(self) -> dict[str, Any]:
-        runtime = self.gateway.runtime
-        created = datetime.fromtimestamp(int(runtime.model_dir.stat().st_mtime), timezone.utc)
-        return {"type": "model", "id": runtime.name, "display_name": runtime.name,
+    @staticmethod
+    def model_json(entry: ModelEntry) -> dict[str, Any]:
+        created = datetime.fromtimestamp(created_at(entry), timezone.utc)
+        return {"type": "model", "id": entry.name, "display_name": entry.name,
                 "created_at": created.isoformat().replace("+00:00", "Z")}
 
     def models(self) -> dict[str, Any]:
-        name = self.gateway.model_name
-        return {"data": [self.model_json()], "has_more": False, "first_id": name, "last_id": name}
+        data = [self.model_json(e) for e in self.gateway.models()]
+        return {"data": data, "has_more": False, "first_id": data[0]["id"], "last_id": data[-1]["id"]}
 
     async def count_tokens(self, request: Request) -> Response:
         gw = self.gateway
         body = await gw.read_json(request)
-        gw.check_model(fields.get(body, "model", str, required=True))
+        model = gw.check_model(fields.get(body, "model", str, required=True))
         messages, tools = conversation(body)
-        return JSONResponse({"input_tokens": await gw.count_tokens(messages, tools)})
+        return JSONResponse({"input_tokens": await gw.count_tokens(messages, tools, model)})
 
     async def messages(self, request: Request) -> Response:
         gw = self.gateway
         body = await gw.read_json(request)
-        gw.check_model(fields.get(body, "model", str, required=True))
+        named = fields.get(body, "model", str, required=True)
+        model = gw.check_model(named)
         max_tokens = fields.get(body, "max_tokens", int, required=True)
         messages, tools = conversation(body)
         stop = gw.stop_strings(fields.get(body, "stop_sequences", list, []))
@@ -177,9 +179,10 @@ class AnthropicApi:
             max_tokens=gw.max_tokens(max_tokens),
             stop=stop,
             tool_choice=tool_choice(body, bool(tools)),
+            model=model,
         )
         head = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant",
-                "model": gw.model_name}
+                "model": named}
         if fields.get(body, "stream", bool, False):
             # Waited for here so that a turn refused at once gets its status, not a broken stream.
             started = await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))

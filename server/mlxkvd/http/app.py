@@ -74,8 +74,12 @@ def create_app(gateway: Gateway, api_key: str) -> ASGIApp:
         return JSONResponse(models_api(request).models())
 
     async def model(request: Request) -> Response:
-        gateway.check_model(request.path_params["model_id"])
-        return JSONResponse(models_api(request).model_json())
+        name = request.path_params["model_id"]
+        gateway.check_model(name)
+        entry = next((e for e in gateway.models() if name in (e.name, e.path.name)), None)
+        if entry is None:  # a directory, not in the catalogue
+            entry = gateway.turns.models.resolve(name) or gateway.turns.models.entry
+        return JSONResponse(models_api(request).model_json(entry))
 
     async def on_error(request: Request, exc: Exception) -> Response:
         if isinstance(exc, ClientGone):

@@ -19,6 +19,7 @@ from ..errors import (
     InvalidRequestError,
     MlxkvError,
     ModelLoadError,
+    ModelNotFoundError,
     ShuttingDownError,
     StaleRevisionError,
     TurnCancelledError,
@@ -60,6 +61,7 @@ DOMAIN: dict[type[MlxkvError], Kind] = {
     ConversationBusyError: CONFLICT,
     StaleRevisionError: CONFLICT,
     ModelLoadError: INTERNAL,
+    ModelNotFoundError: MODEL_NOT_FOUND,
     ShuttingDownError: UNAVAILABLE,
     # A turn the daemon cancelled (shutdown past its grace); a client that left sees nothing.
     TurnCancelledError: UNAVAILABLE,

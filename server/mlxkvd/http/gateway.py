@@ -24,10 +24,11 @@ from starlette.types import Receive, Scope, Send
 
 from .. import params
 from ..events import Failed, Finished, Started, Turn
-from ..errors import InvalidRequestError
-from ..runtime import Sampling
+from ..catalog import ModelEntry
+from ..errors import InvalidRequestError, ModelNotFoundError
+from ..runtime import ModelRuntime, Sampling
 from ..turns import Turns
-from .errors import MODEL_NOT_FOUND, TOO_LARGE, HttpError
+from .errors import INVALID, MODEL_NOT_FOUND, TOO_LARGE, HttpError
 from .fields import invalid
 
 # Threads that wait for turn events: one per turn in flight, apart from the default pool (which
@@ -43,12 +44,19 @@ def turn_headers(started: Started) -> dict[str, str]:
     return {TOOLS_IGNORED_HEADER: "true"} if started.tools_ignored else {}
 
 
+def created_at(entry: ModelEntry) -> int:
+    """When a model was made, as the APIs' model objects say it: its files' time, in seconds."""
+    try:
+        return int(entry.path.stat().st_mtime)
+    except OSError:  # the default model before its first conversion
+        return 0
+
+
 class Gateway:
     """The daemon's ``Turns`` as the HTTP adapters use it."""
 
     def __init__(self, turns: Turns, *, default_max_tokens: Callable[[], int], max_body_bytes: int):
         self.turns = turns
-        self.runtime = turns.engine.runtime
         self.default_max_tokens = default_max_tokens  # SIGHUP may change it
         self.max_body_bytes = max_body_bytes
         self._waiters: anyio.CapacityLimiter | None = None
@@ -76,23 +84,40 @@ class Gateway:
         return value
 
     @property
+    def runtime(self) -> ModelRuntime:
+        """The resident model's runtime (it changes when a request names another model)."""
+        return self.turns.engine.runtime
+
+    @property
     def model_name(self) -> str:
         return self.runtime.name
 
-    def check_model(self, model: str) -> None:
-        """404 unless ``model`` names the served model (its name or its directory's)."""
-        if model not in (self.runtime.name, self.runtime.model_dir.name):
-            raise HttpError(
-                MODEL_NOT_FOUND,
-                f"the model {model!r} does not exist: this daemon serves {self.runtime.name!r}",
-                param="model",
-            )
+    def models(self) -> list[ModelEntry]:
+        """The catalogue, the resident model first."""
+        host = self.turns.models
+        entries = host.catalog.entries()
+        resident = [e for e in entries if e.path == host.entry.path] or [host.entry]
+        return resident + [e for e in entries if e.path != host.entry.path]
+
+    def check_model(self, model: str) -> str:
+        """``model``, if it names a model of the catalogue, a model directory or the resident
+        model (its name or its directory's); 404 if it names none, 400 for a directory that is
+        not a model."""
+        runtime = self.runtime
+        if model == runtime.model_dir.name:
+            return str(runtime.model_dir)
+        try:
+            self.turns.models.resolve(model)
+        except ModelNotFoundError as exc:
+            raise HttpError(MODEL_NOT_FOUND, str(exc), param="model") from None
+        except InvalidRequestError as exc:
+            raise HttpError(INVALID, str(exc), param="model") from None
+        return model
 
     def max_tokens(self, requested: int | None) -> int:
-        """``requested`` (else the daemon's default), capped at the context window."""
-        limit = self.runtime.context_length
-        n = self.default_max_tokens() if requested is None else requested
-        return params.max_tokens(min(n, limit), limit)
+        """``requested``, else the daemon's default (cut to the model's context window when
+        the turn is submitted)."""
+        return self.default_max_tokens() if requested is None else requested
 
     @staticmethod
     def sampling(temperature: float, top_p: float, top_k: int = 0, seed: int | None = None) -> Sampling:
@@ -108,11 +133,12 @@ class Gateway:
 
     async def submit(self, session: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                      **turn: Any) -> Turn:
-        """``Turns.submit_stateless`` on a worker thread."""
-        return await anyio.to_thread.run_sync(partial(self.turns.submit_stateless, session, messages, tools, **turn))
+        """``Turns.submit_stateless`` on a worker thread (it waits there for a model switch)."""
+        return await anyio.to_thread.run_sync(partial(self.turns.submit_stateless, session, messages, tools,
+                                                      clamp_max_tokens=True, **turn))
 
-    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> int:
-        return await anyio.to_thread.run_sync(self.turns.count_tokens, messages, tools)
+    async def count_tokens(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], model: str = "") -> int:
+        return await anyio.to_thread.run_sync(self.turns.count_tokens, messages, tools, model)
 
     async def next_event(self, turn: Turn) -> Any:
         """The turn's next event: Started, Text or Finished; raises the error of a Failed."""

@@ -22,7 +22,8 @@ from ..reply import ToolCall
 from . import fields
 from .errors import OPENAI, error_body
 from .fields import invalid
-from .gateway import Gateway, sse, turn_headers
+from ..catalog import ModelEntry
+from .gateway import Gateway, created_at, sse, turn_headers
 
 FINISH_REASONS = {"stop": "stop", "stop_string": "stop", "length": "length", "tool_calls": "tool_calls"}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -117,18 +118,18 @@ class OpenAIApi:
     def routes(self) -> list[Route]:
         return [Route("/v1/chat/completions", self.chat_completions, methods=["POST"])]
 
-    def model_json(self) -> dict[str, Any]:
-        runtime = self.gateway.runtime
-        return {"id": runtime.name, "object": "model", "created": int(runtime.model_dir.stat().st_mtime),
-                "owned_by": OWNER}
+    @staticmethod
+    def model_json(entry: ModelEntry) -> dict[str, Any]:
+        return {"id": entry.name, "object": "model", "created": created_at(entry), "owned_by": OWNER}
 
     def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self.model_json()]}
+        return {"object": "list", "data": [self.model_json(e) for e in self.gateway.models()]}
 
     async def chat_completions(self, request: Request) -> Response:
         gw = self.gateway
         body = await gw.read_json(request)
-        gw.check_model(fields.get(body, "model", str, required=True))
+        named = fields.get(body, "model", str, required=True)
+        model = gw.check_model(named)
         if fields.get(body, "n", int, 1) != 1:
             raise invalid("n must be 1: one choice per request", param="n")
         tool_list = tools(body)
@@ -148,9 +149,10 @@ class OpenAIApi:
             max_tokens=gw.max_tokens(requested),
             stop=gw.stop_strings(_stop(body)),
             tool_choice=tool_choice(body, bool(tool_list)),
+            model=model,
         )
-        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": gw.model_name,
-                "system_fingerprint": "fp_" + gw.runtime.fingerprint}
+        head = {"id": "chatcmpl-" + uuid.uuid4().hex, "created": int(time.time()), "model": named,
+                "system_fingerprint": "fp_" + turn.plan.fingerprint}
         if stream:
             # Waited for here so that a turn refused at once gets its status, not a broken stream.
             started = await gw.until_disconnected(request, turn, lambda: gw.next_event(turn))

@@ -252,7 +252,8 @@ class ResponsesApi:
     async def create(self, request: Request) -> Response:
         gw = self.gateway
         body = await gw.read_json(request)
-        gw.check_model(fields.get(body, "model", str, required=True))
+        named = fields.get(body, "model", str, required=True)
+        model = gw.check_model(named)
         _check_unsupported(body)
         previous_id = fields.get(body, "previous_response_id", str)
         history = list(self._kept_response(previous_id, "previous_response_id")[1]) if previous_id else []
@@ -270,10 +271,11 @@ class ResponsesApi:
             max_tokens=gw.max_tokens(fields.get(body, "max_output_tokens", int)),
             stop=(),
             tool_choice=tool_choice(body, bool(tool_set.specs)),
+            model=model,
         )
         head = {
             "id": "resp_" + uuid.uuid4().hex, "object": "response", "created_at": int(time.time()),
-            "model": gw.model_name, "instructions": instructions, "previous_response_id": previous_id,
+            "model": named, "instructions": instructions, "previous_response_id": previous_id,
             "max_output_tokens": body.get("max_output_tokens"), "temperature": temperature, "top_p": top_p,
             "tools": body.get("tools") or [], "tool_choice": body.get("tool_choice") or "auto",
             "parallel_tool_calls": fields.get(body, "parallel_tool_calls", bool, True),

@@ -39,11 +39,11 @@ class WarmApi:
     async def warm(self, request: Request) -> Response:
         gw = self.gateway
         body = await gw.read_json(request)
-        gw.check_model(fields.get(body, "model", str, required=True))
+        model = gw.check_model(fields.get(body, "model", str, required=True))
         session = fields.get(body, "prompt_cache_key", str) or fields.get(body, "user", str) or ""
         turns = gw.turns
         turn = await anyio.to_thread.run_sync(
-            partial(turns.warm_stateless, "openai:" + session, messages(body), tools(body)))
+            partial(turns.warm_stateless, "openai:" + session, messages(body), tools(body), model))
 
         async def outcome() -> Any:
             return await anyio.to_thread.run_sync(turns.wait_warm, turn, abandon_on_cancel=True)
