@@ -200,7 +200,7 @@ def test_tool_round_trip_reuses_the_cache(tools_served, tools_reference, stream,
     ({"input": "Hi", "text": {"format": {"type": "json_schema", "name": "x", "schema": {}}}}, 400, "json_schema"),
     ({"input": "Hi", "tool_choice": "required"}, 400, "needs tools"),
     ({"input": "Hi", "previous_response_id": "resp_unknown"}, 404, "no response"),
-    ({"input": "Hi", "model": "gpt-5"}, 404, "does not exist"),
+    ({"input": "Hi", "model": "gpt-5"}, 404, "no model named 'gpt-5'"),
     ({}, 400, "input"),
 ])
 def test_bad_requests_get_openai_errors(served, body, status, words):

@@ -67,7 +67,7 @@ def test_idle_daemon_unloads_and_the_next_turn_reloads_from_disk(make_daemon, re
         assert client.get_conversation(conv.conversation_id).cache_tier == "disk"
         drop = loaded.rss_bytes - unloaded.rss_bytes
         assert drop > MIN_RSS_DROP, f"RSS went from {loaded.rss_bytes} to {unloaded.rss_bytes}"
-        assert "model unloaded, 1 caches moved to disk" in daemon.log()
+        assert "unloaded, 1 caches moved to disk" in daemon.log()
 
         assert_next_turn_reloads_from_disk(client, conv, first, reference)
 

@@ -155,6 +155,8 @@ def format_stats(turn: Turn) -> str:
         f"{turn.decode_tokens_per_s:.1f} tok/s",
         CACHE_SOURCE_LABELS.get(turn.cache_source, turn.cache_source),
     ]
+    if turn.drafted_tokens:
+        parts.append(f"drafts {turn.accepted_tokens}/{turn.drafted_tokens} accepted")
     if turn.resent:
         parts.append("transcript re-sent")
     if turn.cache_miss_reason:
@@ -241,7 +243,7 @@ def format_conversations(conversations: Sequence[Any]) -> str:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-            "tool_choice": args.tool_choice, "model": args.model}
+            "tool_choice": args.tool_choice, "model": args.model, "speculative": args.speculative}
 
 
 def load_tools(path: str | os.PathLike[str] | None) -> list[dict[str, Any]] | None:
@@ -472,6 +474,9 @@ def _add_turn_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", metavar="NAME|DIR",
                         help="the model to answer (`mlxkv models`; default: the daemon's loaded one)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="the answer's token limit")
+    parser.add_argument("--speculative", choices=("off", "prompt-lookup"),
+                        help="prompt lookup: greedy answers that copy the conversation (code edits) "
+                             "verify several tokens per step (default: the daemon's setting)")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy)")
     parser.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
     parser.add_argument("--tools", metavar="FILE",

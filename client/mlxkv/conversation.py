@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 # Per-turn options: given to a turn, or to the conversation as defaults for all its turns.
 TURN_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "tool_choice", "model",
-                "context_length")
+                "context_length", "speculative")
 
 
 # --- a turn's result ------------------------------------------------------------------------
@@ -93,6 +93,9 @@ class Turn:
     # Client side, from sending the request to the first token's arrival (its delta may hold no
     # text yet: a partial character, a held-back space); None if no token came.
     first_token_latency_s: float | None = None
+    # Speculative decoding (speculative="prompt-lookup"): draft tokens verified, and accepted.
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     start: pb.Start | None = field(default=None, repr=False)
     done: pb.Done | None = field(default=None, repr=False)
 
@@ -155,6 +158,8 @@ class _TurnEvents:
             first_token_latency_s=(
                 self.first_token_at - self.sent_at if self.first_token_at is not None else None
             ),
+            drafted_tokens=usage.drafted_tokens if usage else 0,
+            accepted_tokens=usage.accepted_tokens if usage else 0,
             start=self.start,
             done=done,
         )
@@ -225,7 +230,8 @@ class Conversation:
         ``temperature`` (default 0: greedy), ``top_p``, ``top_k``, ``min_p``, ``seed``,
         ``stop``, ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name),
         ``model`` (a name from ``Client.list_models`` or a model directory; default: the
-        daemon's resident model), ``context_length`` (a cap of the context window).
+        daemon's resident model), ``context_length`` (a cap of the context window),
+        ``speculative`` (``"prompt-lookup"`` or ``"off"``; default: the daemon's setting).
         ``content=None`` sends only ``extra_messages``.
 
         If the connection breaks mid-answer, the turn is retried from scratch and its text
@@ -509,6 +515,7 @@ class Conversation:
             tools=[tool_to_proto(t) for t in self.tools] if reset else [],
             tool_choice=params.get("tool_choice") or "",
             model=params.get("model") or "",
+            speculative=params.get("speculative") or "",
         )
         if params.get("max_tokens") is not None:
             request.max_tokens = params["max_tokens"]

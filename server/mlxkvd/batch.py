@@ -230,6 +230,8 @@ class BatchMode:
         """The serial turn becomes the first row of a batch; the waiting turns join it."""
         if isinstance(run.sampler, SeededSampler):
             run.sampler.rewind(len(run.generated))  # the row draws the token after them again
+        if run.lookup is not None:
+            log.info("conversation %r: prompt lookup stops, the turn goes on as a batch row", run.key)
         self._batch = Batch(self.runtime, self.store, self.max_batch)
         self._batch.add(run, held, new)
         log.info("batching: another turn arrived while conversation %r was running", run.key)
@@ -308,6 +310,8 @@ class BatchMode:
                 if not self.runtime.loaded:
                     self.runtime.ensure_loaded()
                 run.begin(self._refresh_snapshot)
+                if run.speculates:
+                    log.info("conversation %r: no prompt lookup for a batch row", run.key)
                 batch.add(run, run.prompt[: run.held], run.prompt[run.held:])
                 self._refresh_snapshot()  # the status shows the row's reservation and padding
             except BaseException as exc:  # noqa: BLE001 - the handler gets every failure

@@ -106,6 +106,16 @@ def _context_caps(value: Any) -> dict[str, int]:
     return caps
 
 
+SPECULATIVE = ("off", "prompt-lookup")
+
+
+def _speculative(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in SPECULATIVE:
+        raise ValueError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {value!r}")
+    return text
+
+
 def _int(value: Any) -> int:
     _not_bool(value)
     if isinstance(value, float) and not value.is_integer():
@@ -265,6 +275,14 @@ class Config:
         _non_negative_float,
         0.0,
         "S",
+        reload=True,
+    )
+    speculative: str = _setting(
+        "speculative decoding of greedy turns: off, or prompt-lookup (drafts copied from the "
+        "conversation, for answers that repeat it: code edits); a request may choose",
+        _speculative,
+        "off",
+        "MODE",
         reload=True,
     )
     max_batch: int = _setting(

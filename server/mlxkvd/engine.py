@@ -26,8 +26,9 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from . import speculative
 from .batch import BatchMode
 from .conversations import ConversationRegistry
 from .events import Failed, Turn
@@ -475,9 +476,7 @@ class Engine(BatchMode, WarmUpMode):
                         run.take_checkpoint(self._ops)
                         self._refresh_snapshot()
                 # Closed on every exit, so that the cache holds every token generated.
-                with contextlib.closing(
-                    rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampler=run.sampler)
-                ) as tokens:
+                with contextlib.closing(self._tokens(run, prompt, cache)) as tokens:
                     handed_over = False
                     for token in tokens:
                         if turn.cancelled.is_set():
@@ -503,6 +502,18 @@ class Engine(BatchMode, WarmUpMode):
             self._fail(run, exc)
         finally:
             self._current = None
+
+    def _tokens(self, run: RunningTurn, prompt: list[int], cache: Any) -> Iterator[int]:
+        """The turn's generated tokens after the prompt's last chunk: one per step, or with
+        prompt lookup several per step (``speculative.py``; greedy turns, trimmable caches)."""
+        rt = self.runtime
+        if run.speculates and speculative.can_speculate(cache):
+            run.lookup = speculative.PromptLookup(prompt, room=run.max_tokens)
+            return speculative.generate(rt, prompt[run.held:], cache, run.lookup, max_tokens=run.max_tokens,
+                                        sampler=run.sampler)
+        if run.speculates:
+            log.info("conversation %r: no prompt lookup, this model's cache cannot be trimmed", run.key)
+        return rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampler=run.sampler)
 
     def _turn_waiting(self) -> bool:
         """Whether a turn waits in the queue and could join this one in a batch."""

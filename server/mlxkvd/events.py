@@ -47,6 +47,8 @@ class Finished:
     total_s: float
     queue_s: float
     revision: int
+    drafted_tokens: int = 0  # speculative decoding: draft tokens verified, and accepted
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class Turn:
     tools_ignored: bool = False
     warm: bool = False  # a warm-up: prefill the prompt, generate nothing, commit nothing
     context_length: int = 0  # its context window, when capped below the model's (0: not)
+    speculative: str = "off"  # "prompt-lookup": drafts from the conversation (greedy turns)
     events: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted_at: float = field(default_factory=time.perf_counter)

@@ -174,6 +174,7 @@ class Daemon:
             max_message_bytes=config.max_message_bytes,
         )
         self.service.socket_path = str(self.socket_path)
+        self.service.turns.default_speculative = config.speculative
         self.server.start()
         self.claim.publish()  # the socket appears at socket_path now, the one release() may remove
         if listen is not None:
@@ -220,6 +221,7 @@ class Daemon:
             "default_max_tokens": lambda n: setattr(self.service, "default_max_tokens", n),
             "cache_ttl_s": engine.set_cache_ttl,
             "idle_unload_s": engine.set_idle_unload,
+            "speculative": lambda mode: setattr(self.service.turns, "default_speculative", mode),
         }
         assert set(apply) == RELOADABLE, "every reloadable setting needs a way to apply it"
         while not signals.stop:

@@ -97,7 +97,8 @@ class ModelHost:
 
     @staticmethod
     def _is_resident_name(entry: ModelEntry, name: str) -> bool:
-        return name in (entry.name, str(entry.path)) or Path(name).expanduser() == entry.path
+        # A directory's own name too: what Status.model says of a model started with --model DIR.
+        return name in (entry.name, str(entry.path), Path(entry.path).name) or Path(name).expanduser() == entry.path
 
     def _is_resident(self, entry: ModelEntry | None) -> bool:
         return entry is None or Path(entry.path).resolve() == Path(self.entry.path).resolve()

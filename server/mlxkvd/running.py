@@ -22,7 +22,8 @@ from .events import Failed, Finished, Started, Text, Turn
 from .kvcache import MlxCacheOps
 from .prompt import template_tools
 from .reply import Reply
-from .runtime import ModelRuntime, Sampling
+from .runtime import MIN_TEMPERATURE, ModelRuntime, Sampling
+from .speculative import PromptLookup
 from .store import CacheStore, Lease
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,8 @@ class Counters:
     tokens_saved: int = 0
     tokens_prefilled: int = 0
     tokens_generated: int = 0
+    tokens_drafted: int = 0
+    tokens_accepted: int = 0
 
 
 class RunningTurn:
@@ -68,9 +71,16 @@ class RunningTurn:
         self.finish = "length"
         self.started_at = self.leased_at = 0.0
         self.first_token_at: float | None = None
+        self.lookup: PromptLookup | None = None  # set by the engine when the turn speculates
         self.reply = Reply(runtime.tokenizer, stop=turn.stop, tool_format=turn.tool_format,
                            tools=template_tools(turn.plan.tools), prefix=turn.reply_prefix)
         self._eos = runtime.eos_token_ids
+
+    @property
+    def speculates(self) -> bool:
+        """Whether the turn asks for prompt lookup and can have it: greedy sampling (its
+        tokens are then those of decoding one at a time)."""
+        return self.turn.speculative == "prompt-lookup" and self.sampling.temperature < MIN_TEMPERATURE
 
     @property
     def reserve_bytes(self) -> int:
@@ -165,15 +175,19 @@ class RunningTurn:
             total_s=done_at - turn.submitted_at,
             queue_s=self.started_at - turn.submitted_at,
             revision=revision,
+            drafted_tokens=self.lookup.drafted if self.lookup else 0,
+            accepted_tokens=self.lookup.accepted if self.lookup else 0,
         )
+        drafts = (f" drafted={finished.drafted_tokens} accepted={finished.accepted_tokens}"
+                  if self.lookup else "")
         log.info(
             "turn conversation=%s revision=%d prompt=%d reused=%d source=%s prefilled=%d "
             "generated=%d finish=%s ttft=%.3fs (queue %.1f ms, lease %.1f ms) prefill=%.0ftok/s "
-            "decode=%.1ftok/s",
+            "decode=%.1ftok/s%s",
             self.key or "-", revision, len(prompt), self.cached, self.lease.lookup.source,
             len(prompt) - self.cached, len(generated), self.finish, finished.time_to_first_token_s,
             finished.queue_s * 1000, (self.leased_at - self.started_at) * 1000,
-            finished.prefill_tokens_per_s, finished.decode_tokens_per_s,
+            finished.prefill_tokens_per_s, finished.decode_tokens_per_s, drafts,
         )
         turn.events.put(finished)
         # After the reply is out: an eviction this causes may write to disk.
@@ -205,3 +219,6 @@ class RunningTurn:
         self._counters.tokens_saved += self.cached
         self._counters.tokens_prefilled += len(self.prompt) - self.cached
         self._counters.tokens_generated += len(self.generated)
+        if self.lookup is not None:
+            self._counters.tokens_drafted += self.lookup.drafted
+            self._counters.tokens_accepted += self.lookup.accepted

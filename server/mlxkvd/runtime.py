@@ -186,7 +186,7 @@ class ModelRuntime:
         mx.clear_cache()
         _return_free_memory()
         self._resident = False
-        log.info("model %s unloaded after being idle", self.name)
+        log.info("model %s unloaded", self.name)
 
     def ensure_loaded(self) -> None:
         """Load the weights again after ``unload``, from the same directory. Raises

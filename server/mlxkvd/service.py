@@ -148,6 +148,8 @@ def _event_pb(event: Started | Text | Finished, conversation_id: str) -> pb.Gene
                 cached_tokens=event.cached_tokens,
                 prefill_tokens=event.prompt_tokens - event.cached_tokens,
                 completion_tokens=event.completion_tokens,
+                drafted_tokens=event.drafted_tokens,
+                accepted_tokens=event.accepted_tokens,
             ),
             timings=pb.Timings(
                 time_to_first_token_s=event.time_to_first_token_s,
@@ -200,6 +202,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             tool_choice=request.tool_choice,
             model=request.model,
             context_length=request.context_length if request.HasField("context_length") else 0,
+            speculative=request.speculative,
         )
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
@@ -331,6 +334,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             tokens_saved=c.tokens_saved,
             tokens_prefilled=c.tokens_prefilled,
             tokens_generated=c.tokens_generated,
+            tokens_drafted=c.tokens_drafted,
+            tokens_accepted=c.tokens_accepted,
             cache_tiers=tiers,
             conversations=len(self.registry),
             rss_bytes=rss_bytes(),

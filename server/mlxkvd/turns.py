@@ -69,6 +69,7 @@ class Turns:
         self.engine = engine
         self.registry = registry
         self.models = models
+        self.default_speculative = "off"  # mlxkvd serve --speculative (SIGHUP may change it)
         self.sessions = Sessions(registry)
         self._warm_ups: dict[str, Turn] = {}  # conversation id -> its warm-up in flight
         self._warm_lock = threading.Lock()
@@ -88,14 +89,17 @@ class Turns:
         model: str = "",
         context_length: int = 0,
         clamp_max_tokens: bool = False,
+        speculative: str = "",
     ) -> Turn:
         """Claim, render, check and submit one turn; its events arrive on ``turn.events``.
         ``conversation_id`` empty: a one-shot turn, nothing is kept. ``tool_choice``: "auto"
         (or ""), "none" (tools rendered, calls not parsed), "required", or a tool's name.
         ``model``: a catalogue name or directory ("": the resident model); ``context_length``:
         a cap of the turn's context window (0: none). ``max_tokens`` past the window is
-        refused, or with ``clamp_max_tokens`` cut to it."""
+        refused, or with ``clamp_max_tokens`` cut to it. ``speculative``: "off",
+        "prompt-lookup" or "" (the daemon's setting)."""
         check_messages(messages)
+        speculative = self._speculative(speculative)
         one_shot = not conversation_id
         with self.models.use(model) as runtime:
             on = {"model": runtime.name, "fingerprint": runtime.fingerprint}
@@ -111,6 +115,7 @@ class Turns:
                 max_tokens = params.max_tokens(min(max_tokens, limit) if clamp_max_tokens else max_tokens, limit)
                 turn = self._prepare(runtime, plan, sampling, max_tokens, tuple(stop), one_shot, tool_choice,
                                      limit=limit)
+                turn.speculative = speculative
                 self.engine.submit(turn)
             except BaseException:
                 if not one_shot:
@@ -209,6 +214,14 @@ class Turns:
         with self.models.use(model) as runtime:
             self._check_size(runtime, messages, self.models.context_length(runtime))
             return len(runtime.renderer.render(messages, tools))
+
+    def _speculative(self, mode: str) -> str:
+        if mode in ("", "off", "prompt-lookup"):
+            return mode or self.default_speculative
+        if mode == "draft":
+            raise InvalidRequestError("speculative 'draft' (a draft model) is not available in this "
+                                      "daemon; 'prompt-lookup' is")
+        raise InvalidRequestError(f"speculative must be 'off' or 'prompt-lookup', got {mode!r}")
 
     def cancel(self, turn: Turn) -> None:
         """The turn's client went away (or the RPC ended): stop it, and let a next turn of

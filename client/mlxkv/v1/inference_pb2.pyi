@@ -84,7 +84,7 @@ class SamplingParams(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "sampling", "max_tokens", "stop", "tools", "tool_choice", "model", "context_length")
+    __slots__ = ("conversation_id", "messages", "reset", "base_revision", "sampling", "max_tokens", "stop", "tools", "tool_choice", "model", "context_length", "speculative")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     RESET_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class GenerateRequest(_message.Message):
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     reset: bool
@@ -107,7 +108,8 @@ class GenerateRequest(_message.Message):
     tool_choice: str
     model: str
     context_length: int
-    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ...) -> None: ...
+    speculative: str
+    def __init__(self, conversation_id: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., reset: _Optional[bool] = ..., base_revision: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[str] = ..., model: _Optional[str] = ..., context_length: _Optional[int] = ..., speculative: _Optional[str] = ...) -> None: ...
 
 class WarmRequest(_message.Message):
     __slots__ = ("conversation_id", "messages", "reset", "base_revision", "tools", "model")
@@ -168,16 +170,20 @@ class Delta(_message.Message):
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "cached_tokens", "prefill_tokens", "completion_tokens")
+    __slots__ = ("prompt_tokens", "cached_tokens", "prefill_tokens", "completion_tokens", "drafted_tokens", "accepted_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     cached_tokens: int
     prefill_tokens: int
     completion_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ...) -> None: ...
+    drafted_tokens: int
+    accepted_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., cached_tokens: _Optional[int] = ..., prefill_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("time_to_first_token_s", "prefill_tokens_per_s", "decode_tokens_per_s", "total_s", "queue_s")
@@ -292,7 +298,7 @@ class CacheTier(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype", "model_state", "load_progress", "model_path")
+    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype", "model_state", "load_progress", "model_path", "tokens_drafted", "tokens_accepted")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -314,6 +320,8 @@ class Status(_message.Message):
     MODEL_STATE_FIELD_NUMBER: _ClassVar[int]
     LOAD_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_DRAFTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     model_fingerprint: str
@@ -335,7 +343,9 @@ class Status(_message.Message):
     model_state: str
     load_progress: float
     model_path: str
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ..., model_state: _Optional[str] = ..., load_progress: _Optional[float] = ..., model_path: _Optional[str] = ...) -> None: ...
+    tokens_drafted: int
+    tokens_accepted: int
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ..., model_state: _Optional[str] = ..., load_progress: _Optional[float] = ..., model_path: _Optional[str] = ..., tokens_drafted: _Optional[int] = ..., tokens_accepted: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
