@@ -69,8 +69,8 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def report_md(report: dict[str, Any]) -> str:
     meta = report["meta"]
     lines = [f"# Prompt-lookup speculative decoding ({'quick' if report['quick'] else 'full'})", "",
-             f"Default model (SmolLM2-135M-Instruct), greedy, one daemon, {meta.get('cpu', '')} "
-             f"{meta.get('backend', 'cpu')}; code {meta['code']}. Code edit: `{report['file']}` "
+             f"Default model (SmolLM2-135M-Instruct), greedy, one daemon, {meta.get('cpus')} CPUs "
+             f"({meta.get('platform', '')}); code {meta['code']}. Code edit: `{report['file']}` "
              f"({report['file_lines']} lines, {report['prompt_tokens']['code_edit']} prompt tokens), "
              f"first {report['max_tokens']['code_edit']} tokens of the rewrite; prose: "
              f"{report['max_tokens']['prose']} tokens. {report['repeats']} repeats per mode, alternating.", ""]
