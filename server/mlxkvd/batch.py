@@ -231,7 +231,7 @@ class BatchMode:
         if isinstance(run.sampler, SeededSampler):
             run.sampler.rewind(len(run.generated))  # the row draws the token after them again
         if run.lookup is not None:
-            log.info("conversation %r: prompt lookup stops, the turn goes on as a batch row", run.key)
+            log.info("conversation %r: speculative decoding stops, the turn goes on as a batch row", run.key)
         self._batch = Batch(self.runtime, self.store, self.max_batch)
         self._batch.add(run, held, new)
         log.info("batching: another turn arrived while conversation %r was running", run.key)
@@ -311,7 +311,7 @@ class BatchMode:
                     self.runtime.ensure_loaded()
                 run.begin(self._refresh_snapshot)
                 if run.speculates:
-                    log.info("conversation %r: no prompt lookup for a batch row", run.key)
+                    log.info("conversation %r: no speculative decoding for a batch row", run.key)
                 batch.add(run, run.prompt[: run.held], run.prompt[run.held:])
                 self._refresh_snapshot()  # the status shows the row's reservation and padding
             except BaseException as exc:  # noqa: BLE001 - the handler gets every failure

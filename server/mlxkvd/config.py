@@ -106,7 +106,7 @@ def _context_caps(value: Any) -> dict[str, int]:
     return caps
 
 
-SPECULATIVE = ("off", "prompt-lookup")
+SPECULATIVE = ("off", "prompt-lookup", "draft")
 
 
 def _speculative(value: Any) -> str:
@@ -217,6 +217,13 @@ class Config:
         _optional_path,
         metavar="DIR|NAME",
     )
+    draft_model: Path | None = _setting(
+        "a small model with the same tokenizer, loaded at start, that drafts tokens for "
+        "speculative decoding (--speculative draft, or per request): a directory or a "
+        "catalogue name",
+        _optional_path,
+        metavar="DIR|NAME",
+    )
     models_dir: Path | None = _setting(
         "a directory of mlx-lm models for the catalogue requests choose from, besides the "
         "Hugging Face cache and LM Studio's models",
@@ -278,8 +285,9 @@ class Config:
         reload=True,
     )
     speculative: str = _setting(
-        "speculative decoding of greedy turns: off, or prompt-lookup (drafts copied from the "
-        "conversation, for answers that repeat it: code edits); a request may choose",
+        "speculative decoding of greedy turns: off, prompt-lookup (drafts copied from the "
+        "conversation, for answers that repeat it: code edits) or draft (drafts from "
+        "--draft-model); a request may choose",
         _speculative,
         "off",
         "MODE",
@@ -438,6 +446,8 @@ def load_config(
                 break
         else:
             sources[name] = "default"
+    if values.get("speculative") == "draft" and values.get("draft_model") is None:
+        raise ValueError(f"speculative from {sources['speculative']}: 'draft' needs a draft model (--draft-model)")
     return Config(**values), sources
 
 

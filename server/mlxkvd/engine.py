@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 from . import speculative
+from .drafting import DraftModel
 from .batch import BatchMode
 from .conversations import ConversationRegistry
 from .events import Failed, Turn
@@ -79,9 +80,11 @@ class Engine(BatchMode, WarmUpMode):
         idle_unload_s: float = 0.0,
         cache_ttl_s: float = 0.0,
         max_batch: int = DEFAULT_MAX_BATCH,
+        draft: DraftModel | None = None,
     ):
         self.runtime = runtime
         self.store = store
+        self.draft = draft  # --draft-model: its caches get a share of the memory budget
         self.registry = registry
         self.write_behind_delay_s = write_behind_delay_s
         self.idle_unload_s = idle_unload_s
@@ -203,8 +206,15 @@ class Engine(BatchMode, WarmUpMode):
         self.post(lambda: self.store.set_ttl(ttl_s or None))
 
     def set_memory_budget(self, max_bytes: int) -> None:
-        """Change the memory budget of resident caches; evicts at once if it shrank."""
-        self.post(lambda: self.store.set_memory_budget(max_bytes))
+        """Change the memory budget of resident caches (the draft model's share included);
+        evicts at once if it shrank."""
+        self.post(lambda: self._set_memory_budget(max_bytes))
+
+    def _set_memory_budget(self, max_bytes: int) -> None:
+        draft = self.draft.share(max_bytes, self.runtime) if self.draft is not None else 0
+        if self.draft is not None:
+            self.draft.set_memory_budget(draft)
+        self.store.set_memory_budget(max_bytes - draft)
 
     def delete_cache(self, conversation_id: str) -> bool:
         """Remove a conversation's cache from every tier; waits for the running turn."""
@@ -391,6 +401,8 @@ class Engine(BatchMode, WarmUpMode):
             moved = 0
         self._refresh_snapshot()  # the caches' new places, before the status says "not loaded"
         self.runtime.unload()
+        if self.draft is not None:
+            self.draft.unload()
         log.info("%s: model %s unloaded, %d caches moved to disk", why, self.runtime.name, moved)
         return moved
 
@@ -505,15 +517,27 @@ class Engine(BatchMode, WarmUpMode):
 
     def _tokens(self, run: RunningTurn, prompt: list[int], cache: Any) -> Iterator[int]:
         """The turn's generated tokens after the prompt's last chunk: one per step, or with
-        prompt lookup several per step (``speculative.py``; greedy turns, trimmable caches)."""
+        speculative decoding several per step (``speculative.py``; greedy turns, trimmable
+        caches): drafts from prompt lookup or from the draft model."""
         rt = self.runtime
-        if run.speculates and speculative.can_speculate(cache):
-            run.lookup = speculative.PromptLookup(prompt, room=run.max_tokens)
+        if run.speculates:
+            run.lookup = self._drafter(run, prompt, cache)
+        if run.lookup is not None:
             return speculative.generate(rt, prompt[run.held:], cache, run.lookup, max_tokens=run.max_tokens,
                                         sampler=run.sampler)
-        if run.speculates:
-            log.info("conversation %r: no prompt lookup, this model's cache cannot be trimmed", run.key)
         return rt.generate(prompt[run.held:], cache, max_tokens=run.max_tokens, sampler=run.sampler)
+
+    def _drafter(self, run: RunningTurn, prompt: list[int], cache: Any) -> speculative.Drafter | None:
+        """The turn's drafter, or None (with one log line) when it cannot speculate."""
+        why = None if speculative.can_speculate(cache) else "this model's cache cannot be trimmed"
+        if why is None and run.turn.speculative == "draft":
+            why = self.draft.misfit(self.runtime) if self.draft is not None else "there is no draft model"
+            if why is None:
+                return self.draft.proposer(run.key, prompt, run.max_tokens)
+        if why is not None:
+            log.info("conversation %r: no speculative decoding (%s), one token per step", run.key, why)
+            return None
+        return speculative.PromptLookup(prompt, room=run.max_tokens)
 
     def _turn_waiting(self) -> bool:
         """Whether a turn waits in the queue and could join this one in a batch."""

@@ -147,10 +147,14 @@ class Daemon:
 
         if runtime.backend == "cpu" and sys.platform.startswith("linux") and not blas.is_preloaded():
             log.warning("running without an optimized BLAS: expect about 30x slower prefill")
+        draft = self._draft_model(catalog, loader, runtime) if config.draft_model else None
+        draft_bytes = draft.share(config.max_cache_bytes, runtime) if draft is not None else 0
+        if draft is not None:
+            draft.set_memory_budget(draft_bytes)
         store = CacheStore(
             MlxCacheOps(),
             fingerprint=runtime.fingerprint,
-            max_bytes=config.max_cache_bytes,
+            max_bytes=config.max_cache_bytes - draft_bytes,
             disk_dir=config.disk_dir() if config.max_disk_bytes > 0 else None,
             max_disk_bytes=config.max_disk_bytes,
             ttl_s=config.cache_ttl_s or None,
@@ -163,6 +167,7 @@ class Daemon:
             idle_unload_s=config.idle_unload_s,
             cache_ttl_s=config.cache_ttl_s,
             max_batch=config.max_batch,
+            draft=draft,
         )
         self.engine.start()
         self.models = ModelHost(self.engine, catalog, entry, loader, context_caps=config.context_length)
@@ -175,6 +180,7 @@ class Daemon:
         )
         self.service.socket_path = str(self.socket_path)
         self.service.turns.default_speculative = config.speculative
+        self.service.turns.draft_model = draft.name if draft is not None else None
         self.server.start()
         self.claim.publish()  # the socket appears at socket_path now, the one release() may remove
         if listen is not None:
@@ -183,6 +189,25 @@ class Daemon:
         # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart
         # started: the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
         service_unit.notify(f"READY=1\nSTATUS=serving {runtime.name} on {self.socket_path}")
+
+    def _draft_model(self, catalog: Any, loader: "_Loader", target: Any) -> Any:
+        """The ``--draft-model``, loaded, checked against the model loaded at start;
+        ``StartupError`` if it cannot draft for it."""
+        from .convert import ModelUnavailableError
+        from .drafting import DraftModel
+        from .errors import MlxkvError
+
+        path = self.config.draft_model
+        try:
+            entry = catalog.resolve(str(path.absolute()) if path.is_dir() else str(path))
+            draft = DraftModel(loader(entry, template=False), max_bytes=0)
+        except (MlxkvError, ModelUnavailableError) as exc:
+            raise StartupError(EXIT_MODEL, f"draft model: {exc}") from None
+        why = draft.misfit(target)
+        if why is not None:
+            raise StartupError(EXIT_MODEL, why)
+        log.info("draft model %s loaded for speculative decoding", draft.name)
+        return draft
 
     def _http_listen(self) -> tuple[str, int, str]:
         """Where the HTTP gateway listens and its API key; ``StartupError`` if it cannot."""
@@ -277,7 +302,8 @@ class _Loader:
         self.first = first.path
         self.template = read_chat_template(config.chat_template) if config.chat_template else None
 
-    def __call__(self, entry: Any, progress: Callable[[float], None] | None = None) -> Any:
+    def __call__(self, entry: Any, progress: Callable[[float], None] | None = None, *,
+                 template: bool = True) -> Any:
         from .convert import ensure_default_model
         from .runtime import ModelRuntime
 
@@ -285,7 +311,7 @@ class _Loader:
         # A directory named by path keeps its directory's name, as --model always did.
         name = None if entry.source == "path" else entry.name
         return ModelRuntime(path, name=name, kv_bits=self.config.kv_bits, progress=progress,
-                            chat_template=self.template if entry.path == self.first else None)
+                            chat_template=self.template if template and entry.path == self.first else None)
 
 
 def serve(config: Config, load: Callable[[], Config] | None = None) -> int:

@@ -23,7 +23,7 @@ from .kvcache import MlxCacheOps
 from .prompt import template_tools
 from .reply import Reply
 from .runtime import MIN_TEMPERATURE, ModelRuntime, Sampling
-from .speculative import PromptLookup
+from .speculative import Drafter
 from .store import CacheStore, Lease
 
 log = logging.getLogger(__name__)
@@ -71,16 +71,16 @@ class RunningTurn:
         self.finish = "length"
         self.started_at = self.leased_at = 0.0
         self.first_token_at: float | None = None
-        self.lookup: PromptLookup | None = None  # set by the engine when the turn speculates
+        self.lookup: Drafter | None = None  # set by the engine when the turn speculates
         self.reply = Reply(runtime.tokenizer, stop=turn.stop, tool_format=turn.tool_format,
                            tools=template_tools(turn.plan.tools), prefix=turn.reply_prefix)
         self._eos = runtime.eos_token_ids
 
     @property
     def speculates(self) -> bool:
-        """Whether the turn asks for prompt lookup and can have it: greedy sampling (its
-        tokens are then those of decoding one at a time)."""
-        return self.turn.speculative == "prompt-lookup" and self.sampling.temperature < MIN_TEMPERATURE
+        """Whether the turn asks for speculative decoding and can have it: greedy sampling
+        (its tokens are then those of decoding one at a time)."""
+        return self.turn.speculative in ("prompt-lookup", "draft") and self.sampling.temperature < MIN_TEMPERATURE
 
     @property
     def reserve_bytes(self) -> int:

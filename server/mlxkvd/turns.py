@@ -70,6 +70,7 @@ class Turns:
         self.registry = registry
         self.models = models
         self.default_speculative = "off"  # mlxkvd serve --speculative (SIGHUP may change it)
+        self.draft_model: str | None = None  # the draft model's name (--draft-model)
         self.sessions = Sessions(registry)
         self._warm_ups: dict[str, Turn] = {}  # conversation id -> its warm-up in flight
         self._warm_lock = threading.Lock()
@@ -219,9 +220,11 @@ class Turns:
         if mode in ("", "off", "prompt-lookup"):
             return mode or self.default_speculative
         if mode == "draft":
-            raise InvalidRequestError("speculative 'draft' (a draft model) is not available in this "
-                                      "daemon; 'prompt-lookup' is")
-        raise InvalidRequestError(f"speculative must be 'off' or 'prompt-lookup', got {mode!r}")
+            if self.draft_model is None:
+                raise InvalidRequestError("speculative 'draft' needs a draft model: start mlxkvd with "
+                                          "--draft-model NAME|DIR ('prompt-lookup' needs none)")
+            return mode
+        raise InvalidRequestError(f"speculative must be 'off', 'prompt-lookup' or 'draft', got {mode!r}")
 
     def cancel(self, turn: Turn) -> None:
         """The turn's client went away (or the RPC ended): stop it, and let a next turn of
