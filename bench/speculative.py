@@ -1,4 +1,4 @@
-"""Decode speed with and without prompt-lookup speculative decoding: ``python -m bench.speculative``.
+"""Decode speed with and without speculative decoding: ``python -m bench.speculative``.
 
 Two workloads on the default model, greedy, through one daemon (one-shot turns, so that no turn
 reuses another's reply):
@@ -8,10 +8,13 @@ reuses another's reply):
              ``--max-tokens`` (256) tokens of the answer are timed.
   prose      an open question, ``--prose-tokens`` (128) tokens.
 
-Each workload runs ``--repeats`` (2) times per mode, the modes alternating (off, prompt-lookup,
-off, ...) to cancel drift. Decode tokens/s is the daemon's (``Done.timings``: tokens after the
-first over the time after it); the acceptance rate is accepted / drafted draft tokens. The two
-modes' replies are compared token by token. Writes ``speculative.json`` and ``speculative.md``
+Three modes: off, prompt-lookup, and draft, with a draft model made from the default model by
+skipping layers (``bench.drafts``: no smaller model shares its tokenizer here; it costs 24/30 of
+the target per draft token and agrees on about a third, so it shows the mechanism's cost, not
+the speed of a real small draft). Each workload runs ``--repeats`` (2) times per mode, the
+order reversed every other repeat to cancel drift. Decode tokens/s is the daemon's
+(``Done.timings``: tokens after the first over the time after it); the acceptance rate is
+accepted / drafted draft tokens. Each mode's replies are compared token by token with off's. Writes ``speculative.json`` and ``speculative.md``
 under ``--out``; ``--quick``: 48 and 24 tokens, one repeat.
 """
 
@@ -26,7 +29,8 @@ from typing import Any
 from bench import common
 
 REPO = Path(__file__).resolve().parents[1]
-MODES = ("off", "prompt-lookup")
+MODES = ("off", "prompt-lookup", "draft")
+SPECULATIVE = MODES[1:]
 SYSTEM = "You are a coding assistant. Answer with code only."
 PROSE = "Why do some programming languages use garbage collection while others do not? Explain."
 
@@ -59,16 +63,17 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
                      "tokens": [r["tokens"] for r in mine],
                      "acceptance": sum(r["accepted"] for r in mine) / drafted if drafted else None,
                      "drafted": drafted}
-    out["speedup"] = common.ratio(out["prompt-lookup"]["decode_tok_s_median"], out["off"]["decode_tok_s_median"])
-    pairs = list(zip([r["ids"] for r in rows if r["mode"] == "off"],
-                     [r["ids"] for r in rows if r["mode"] == "prompt-lookup"]))
-    out["same_reply"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
+    plain = [r["ids"] for r in rows if r["mode"] == "off"]
+    for mode in SPECULATIVE:
+        out[mode]["speedup"] = common.ratio(out[mode]["decode_tok_s_median"], out["off"]["decode_tok_s_median"])
+        pairs = list(zip(plain, [r["ids"] for r in rows if r["mode"] == mode]))
+        out[mode]["same_reply"] = f"{sum(a == b for a, b in pairs)}/{len(pairs)}"
     return out
 
 
 def report_md(report: dict[str, Any]) -> str:
     meta = report["meta"]
-    lines = [f"# Prompt-lookup speculative decoding ({'quick' if report['quick'] else 'full'})", "",
+    lines = [f"# Speculative decoding ({'quick' if report['quick'] else 'full'})", "",
              f"Default model (SmolLM2-135M-Instruct), greedy, one daemon, {meta.get('cpus')} CPUs "
              f"({meta.get('platform', '')}); code {meta['code']}. Code edit: `{report['file']}` "
              f"({report['file_lines']} lines, {report['prompt_tokens']['code_edit']} prompt tokens), "
@@ -76,12 +81,17 @@ def report_md(report: dict[str, Any]) -> str:
              f"{report['max_tokens']['prose']} tokens. {report['repeats']} repeats per mode, alternating.", ""]
     rows = []
     for name, s in report["workloads"].items():
-        acc = s["prompt-lookup"]["acceptance"]
-        rows.append((name, common.fmt(s["off"]["decode_tok_s_median"], 1),
-                     common.fmt(s["prompt-lookup"]["decode_tok_s_median"], 1), f"**{common.fmt(s['speedup'])}x**",
-                     f"{acc:.0%}" if acc is not None else "-", s["prompt-lookup"]["drafted"], s["same_reply"]))
+        row = [name, common.fmt(s["off"]["decode_tok_s_median"], 1)]
+        for mode in SPECULATIVE:
+            acc = s[mode]["acceptance"]
+            row += [common.fmt(s[mode]["decode_tok_s_median"], 1), f"**{common.fmt(s[mode]['speedup'])}x**",
+                    f"{acc:.0%} of {s[mode]['drafted']}" if acc is not None else "-", s[mode]["same_reply"]]
+        rows.append(row)
     lines.append(common.markdown_table(
-        ("workload", "off tok/s", "prompt-lookup tok/s", "speed-up", "accepted", "drafted", "same reply"), rows))
+        ("workload", "off tok/s", "prompt-lookup tok/s", "speed-up", "accepted", "same reply",
+         "draft tok/s", "speed-up", "accepted", "same reply"), rows))
+    lines += ["", f"Draft model: `{report['draft_model']}`, {report['draft_layers']} of the default model's "
+              "layers (the first and the last ones; `bench/drafts.py`)."]
     return "\n".join(lines) + "\n"
 
 
@@ -100,14 +110,18 @@ def main() -> None:
     workdir = common.start(args.out, "speculative")
     from mlxkv import Client
 
+    from bench.drafts import FIRST, LAST, layer_skip_draft
+
     default_dir, _ = common.model_dirs()
+    draft_dir = layer_skip_draft(default_dir, workdir / "skip-draft")
     daemon = common.DaemonProcess(common.short_socket_dir() / "sp.sock", workdir / "mlxkvd", workdir / "mlxkvd.log",
-                                  model=default_dir, extra_args=["--max-disk-bytes", "0"])
+                                  model=default_dir,
+                                  extra_args=["--max-disk-bytes", "0", "--draft-model", str(draft_dir)])
     loads = workloads(args)
     report: dict[str, Any] = {
         "quick": args.quick, "file": args.file, "file_lines": len((REPO / args.file).read_text().splitlines()),
         "repeats": args.repeats, "meta": {**common.machine_info(), "code": common.git_state()},
-        "prompt_tokens": {},
+        "prompt_tokens": {}, "draft_model": draft_dir.name, "draft_layers": FIRST + LAST,
         "max_tokens": {name: n for name, (_, n) in loads.items()}, "workloads": {}, "turns": {},
     }
     try:

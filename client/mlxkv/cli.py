@@ -474,9 +474,10 @@ def _add_turn_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", metavar="NAME|DIR",
                         help="the model to answer (`mlxkv models`; default: the daemon's loaded one)")
     parser.add_argument("--max-tokens", type=int, metavar="N", help="the answer's token limit")
-    parser.add_argument("--speculative", choices=("off", "prompt-lookup"),
+    parser.add_argument("--speculative", choices=("off", "prompt-lookup", "draft"),
                         help="prompt lookup: greedy answers that copy the conversation (code edits) "
-                             "verify several tokens per step (default: the daemon's setting)")
+                             "verify several tokens per step; draft: tokens drafted by the daemon's "
+                             "--draft-model (default: the daemon's setting)")
     parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (default 0: greedy)")
     parser.add_argument("--seed", type=int, metavar="N", help="random seed for sampling")
     parser.add_argument("--tools", metavar="FILE",

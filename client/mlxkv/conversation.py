@@ -93,7 +93,7 @@ class Turn:
     # Client side, from sending the request to the first token's arrival (its delta may hold no
     # text yet: a partial character, a held-back space); None if no token came.
     first_token_latency_s: float | None = None
-    # Speculative decoding (speculative="prompt-lookup"): draft tokens verified, and accepted.
+    # Speculative decoding (speculative="prompt-lookup" or "draft"): draft tokens verified, and accepted.
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     start: pb.Start | None = field(default=None, repr=False)
@@ -231,7 +231,7 @@ class Conversation:
         ``stop``, ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or a tool's name),
         ``model`` (a name from ``Client.list_models`` or a model directory; default: the
         daemon's resident model), ``context_length`` (a cap of the context window),
-        ``speculative`` (``"prompt-lookup"`` or ``"off"``; default: the daemon's setting).
+        ``speculative`` (``"prompt-lookup"``, ``"draft"`` or ``"off"``; default: the daemon's setting).
         ``content=None`` sends only ``extra_messages``.
 
         If the connection breaks mid-answer, the turn is retried from scratch and its text

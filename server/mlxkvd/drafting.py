@@ -56,12 +56,19 @@ class DraftModel:
     def set_memory_budget(self, max_bytes: int) -> None:
         self.store.set_memory_budget(max_bytes)
 
-    def proposer(self, key: str | None, tokens: Sequence[int], room: int) -> "DraftProposer":
+    def proposer(self, key: str | None, tokens: Sequence[int], room: int, cancelled=None) -> "DraftProposer":
         """A drafter for one turn of conversation ``key`` whose prompt is ``tokens``, which
-        may generate ``room`` more."""
+        may generate ``room`` more. The draft prefills what it has not cached of the prompt
+        now, before the turn's first token (``cancelled`` stops it between chunks)."""
         self.runtime.ensure_loaded()
         lease = self.store.lease(key, tokens, reserve_bytes=self.runtime.kv_nbytes(len(tokens) + room))
-        return DraftProposer(self.runtime, lease, tokens)
+        proposer = DraftProposer(self.runtime, lease, tokens)
+        try:
+            proposer.catch_up(cancelled)
+        except BaseException:
+            proposer.close()
+            raise
+        return proposer
 
     def unload(self) -> None:
         """Free the weights and the caches (the daemon unloads when idle)."""
@@ -86,9 +93,15 @@ class DraftProposer(Drafter):
     def append(self, tokens: Sequence[int]) -> None:
         self._tokens.extend(tokens)
 
+    def catch_up(self, cancelled=None) -> None:
+        """Feed the draft every token it has not seen."""
+        self._consistent = False
+        self._fed += self._rt.prefill(self._tokens[self._fed :], self._cache, cancelled)
+        self._consistent = True
+
     def _draft(self, k: int) -> list[int]:
         rt, cache = self._rt, self._cache
-        unseen = self._tokens[self._fed :]  # at least the pending token
+        unseen = self._tokens[self._fed :]  # the pending token, after the accepted ones
         self._consistent = False
         rt.prefill(unseen[:-1], cache)
         self._fed += len(unseen) - 1

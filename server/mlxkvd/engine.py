@@ -533,7 +533,7 @@ class Engine(BatchMode, WarmUpMode):
         if why is None and run.turn.speculative == "draft":
             why = self.draft.misfit(self.runtime) if self.draft is not None else "there is no draft model"
             if why is None:
-                return self.draft.proposer(run.key, prompt, run.max_tokens)
+                return self.draft.proposer(run.key, prompt, run.max_tokens, run.turn.cancelled)
         if why is not None:
             log.info("conversation %r: no speculative decoding (%s), one token per step", run.key, why)
             return None

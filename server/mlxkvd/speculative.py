@@ -14,8 +14,10 @@ compare them), so only greedy turns speculate. Two drafters:
 
 Both adapt (``Drafter.record``) so that prose does not get slower: the draft length grows while
 drafts are accepted whole and shrinks to what was accepted; after ``MISSES_TO_PAUSE`` drafts in
-a row with nothing accepted, drafting pauses for a number of tokens that doubles each time (a
-step without a draft is an ordinary one-token step).
+a row that did not pay for themselves (the time the accepted tokens saved, one verifying pass
+each, was less than the time drafting took: for prompt lookup, nothing accepted), drafting
+pauses for a number of tokens that doubles each time (a step without a draft is an ordinary
+one-token step).
 
 mlx-lm's ``speculative_generate_step`` prefills the target and the draft model with the same
 prompt and drafts a fixed number of tokens; here the draft model's cache of a conversation is
@@ -25,6 +27,7 @@ and prompt lookup needs no second model, so the verification loop is this module
 
 from __future__ import annotations
 
+import time
 from typing import Iterator, Sequence
 
 import mlx.core as mx
@@ -68,17 +71,19 @@ class Drafter:
     def _draft(self, k: int) -> list[int]:
         raise NotImplementedError
 
-    def record(self, drafted: int, accepted: int) -> None:
-        """The outcome of one verified draft: adapt the draft length and the pauses."""
+    def record(self, drafted: int, accepted: int, draft_s: float = 0.0, verify_s: float = 0.0) -> None:
+        """The outcome of one verified draft (``draft_s`` spent drafting it, ``verify_s`` in
+        the verifying pass): adapt the draft length and the pauses."""
         self.drafted += drafted
         self.accepted += accepted
-        if accepted == drafted:
+        paid = accepted > 0 and accepted * verify_s >= draft_s
+        if accepted == drafted and paid:
             self.k = min(DRAFT_MAX, self.k * 2)
             self._misses = 0
             self._pause_len = PAUSE_START
             return
-        self.k = max(1, accepted + 1)
-        if accepted:
+        self.k = max(1, min(self.k, accepted + 1))
+        if paid:
             self._misses = 0
             return
         self._misses += 1
@@ -157,7 +162,9 @@ def _verified(runtime, new_tokens, cache, drafter: Drafter, max_tokens: int, sam
                 yield last
             if produced >= max_tokens:
                 break
+            started = time.perf_counter()
             draft = drafter.propose(max_tokens - produced - 1)
+            drafted_at = time.perf_counter()
             with mx.stream(generation_stream):
                 logits = model(mx.array([[last, *draft]], dtype=mx.uint32), cache=cache)
                 chosen = mx.argmax(logits[0], axis=-1)
@@ -168,7 +175,7 @@ def _verified(runtime, new_tokens, cache, drafter: Drafter, max_tokens: int, sam
                 accepted += 1
             if draft:
                 trim_prompt_cache(cache, len(draft) - accepted)
-                drafter.record(len(draft), accepted)
+                drafter.record(len(draft), accepted, drafted_at - started, time.perf_counter() - drafted_at)
             in_cache = produced + accepted  # ``last`` and the accepted drafts
             pending = out[: accepted + 1]
             drafter.append(pending)
