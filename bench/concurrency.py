@@ -16,6 +16,12 @@ that the load of this shared machine at that moment weighs on all of them alike:
   mlx_lm_server  ``mlx_lm.server`` (its own ``BatchGenerator`` batching), streamed
                  ``/v1/chat/completions`` with the whole history every turn.
 
+``--gpu`` (MLX's CUDA backend): the three systems serve an 8B-shaped 4-bit model with random
+weights and the default model's tokenizer (``--tokenizer``), built there (no weights travel);
+its replies never end early, so every turn generates ``--max-tokens``. Each system first runs
+one unmeasured round at the largest level, so that kernels compiled at first sight of a batch
+shape weigh on no measured level.
+
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
 side), per-stream decode tokens/s (median; from a reply's first delta to its end), turn time.
@@ -48,11 +54,11 @@ LABELS = {"mlxkvd": "mlxkvd batched", "mlxkvd_serial": "mlxkvd serial (--max-bat
 # --- workload ---------------------------------------------------------------------------------
 
 
-def workload(level: int, count: Callable[[str], int], args) -> list[dict[str, Any]]:
+def workload(level: int, count: Callable[[str], int], args, seed: int = SEED) -> list[dict[str, Any]]:
     """The level's conversations: the same for every system."""
     chats = []
     for i in range(level):
-        text = TextMaker(SEED + 1000 * level + i, count)
+        text = TextMaker(seed + 1000 * level + i, count)
         chats.append({"system": text.system_prompt(args.system_tokens),
                       "users": [text.user_message(args.user_tokens) for _ in range(args.turns)]})
     return chats
@@ -122,7 +128,8 @@ def run_level(runs: list[Callable[[], list[dict]]], bar, label: str) -> dict:
             results[i] = runs[i]()
         except Exception as exc:  # noqa: BLE001 - recorded in the report
             errors.append(f"{type(exc).__name__}: {exc}")
-        bar.update(len(results[i] or ()))
+        if bar is not None:
+            bar.update(len(results[i] or ()))
 
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(runs))]
     for t in threads:
@@ -145,8 +152,9 @@ def run_level(runs: list[Callable[[], list[dict]]], bar, label: str) -> dict:
         "turn_s_median": common.median([r["end"] - r["started"] for r in turns]),
         "queue_s_max": max((r.get("queue_s") or 0.0 for r in turns), default=None),
     }
-    bar.set_postfix_str(f"{label} x{len(runs)}: {summary['aggregate_tokens_per_s']:.1f} tok/s, "
-                        f"TTFT p50 {summary['ttft_p50_s']:.2f} s")
+    if bar is not None:
+        bar.set_postfix_str(f"{label} x{len(runs)}: {summary['aggregate_tokens_per_s']:.1f} tok/s, "
+                            f"TTFT p50 {summary['ttft_p50_s']:.2f} s")
     return {"summary": summary, "conversations": results}
 
 
@@ -192,8 +200,12 @@ def markdown(report: dict) -> str:
     m, a = report["meta"], report["args"]
     lines = [
         "# mlxkv concurrent conversations", "",
-        f"SmolLM2-135M-Instruct (float32) on the CPU; OpenBLAS preloaded: {m['blas_preloaded']} "
-        f"({a['blas_threads']} thread(s) per process); {m['cpus']} CPUs, "
+        (f"An 8B-shaped 4-bit model with random weights (the default model's tokenizer) on {m.get('device_name') or 'a GPU'} "
+         "with MLX's CUDA backend, after an unmeasured round at the largest level per system; "
+         if a.get("gpu") else
+         f"SmolLM2-135M-Instruct (float32) on the CPU; OpenBLAS preloaded: {m['blas_preloaded']} "
+         f"({a['blas_threads']} thread(s) per process); ")
+        + f"{m['cpus']} CPUs, "
         f"load average at start {fmt_load(m['loadavg_at_start'])}, at the end {fmt_load(report['loadavg_at_end'])} "
         f"(the machine is shared); daemon code: {m['git']}. Each conversation: a "
         f"~{a['system_tokens']}-token system prompt, {a['turns']} turns of ~{a['user_tokens']}-token user messages, "
@@ -239,6 +251,23 @@ def markdown(report: dict) -> str:
 # --- main -------------------------------------------------------------------------------------
 
 
+def gpu_model(args) -> tuple[Path, Path]:
+    """``--gpu``: the 8B-shaped random model, built once (for both roles of ``model_dirs``)."""
+    import tempfile
+
+    import mlx.core as mx
+
+    from bench import models
+
+    if not mx.cuda.is_available():
+        raise SystemExit("--gpu: no CUDA device")
+    path, seconds = models.timed_build(Path(tempfile.gettempdir()) / "mlxkv-random-8b-4bit", models.LLAMA_8B,
+                                       args.tokenizer or models.default_tokenizer_dir(), dtype="float16", bits=4,
+                                       group_size=64)
+    print(f"model {path} ready in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return path, path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.concurrency", description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="1,2,4,8", help="conversations at once, comma-separated")
@@ -250,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="OpenBLAS threads of every process (this one and the servers)")
     parser.add_argument("--quick", action="store_true", help="levels 1,2,4, 2 turns of 12 tokens (a smoke test)")
+    parser.add_argument("--gpu", action="store_true", help="an 8B-shaped random 4-bit model on MLX's CUDA backend")
+    parser.add_argument("--tokenizer", type=Path, help="--gpu: a dir with the default model's tokenizer files")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     args = parser.parse_args(argv)
     if args.quick:
@@ -260,11 +291,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("levels must be >= 1, --turns >= 1, systems among " + ",".join(SYSTEMS))
 
     out: Path = args.out
-    workdir = common.start(out, "concurrency", blas_threads=args.blas_threads)
+    if args.gpu:
+        from bench.gpu_ide_chat import device_meta
+
+        workdir = common.fresh_workdir(out, "concurrency-work")
+        common.exit_on_sigterm()
+    else:
+        workdir = common.start(out, "concurrency", blas_threads=args.blas_threads)
     from tokenizers import Tokenizer
 
     started = time.perf_counter()
-    default_dir, f32_dir = common.model_dirs()
+    default_dir, f32_dir = gpu_model(args) if args.gpu else common.model_dirs()
     tokenizer = Tokenizer.from_file(str(default_dir / "tokenizer.json"))
     count = lambda text: len(tokenizer.encode(text, add_special_tokens=False).ids)  # noqa: E731
     chats = {level: workload(level, count, args) for level in levels}
@@ -272,14 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     sock = common.short_socket_dir()
     servers: dict[str, Any] = {
         "mlxkvd": common.DaemonProcess(sock / "batched.sock", workdir / "batched", workdir / "mlxkvd.log",
-                                       extra_args=["--max-disk-bytes", "0"]),
+                                       model=default_dir if args.gpu else None, extra_args=["--max-disk-bytes", "0"]),
         "mlxkvd_serial": common.DaemonProcess(sock / "serial.sock", workdir / "serial", workdir / "mlxkvd_serial.log",
+                                              model=default_dir if args.gpu else None,
                                               extra_args=["--max-disk-bytes", "0", "--max-batch", "1"]),
         "mlx_lm_server": common.MlxLmServer(f32_dir, workdir / "mlx_lm_server.log"),
     }
     report: dict[str, Any] = {
-        "args": {k: v for k, v in vars(args).items() if k != "out"}, "systems": systems,
-        "meta": {**common.machine_info(), "git": common.git_state(), "model_dir": str(default_dir),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "out"},
+        "systems": systems,
+        "meta": {**common.machine_info(), **(device_meta() if args.gpu else {}), "git": common.git_state(),
+                 "model_dir": str(default_dir),
                  "mlx_lm_server_model_dir": str(f32_dir)},
         "levels": [],
     }
@@ -298,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         for system in systems:
             servers[system].start()
             make(system, warm)()  # not measured
+            if args.gpu:  # every batch shape once, not measured
+                run_level([make(system, c) for c in workload(max(levels), count, args, seed=SEED - 1)],
+                          None, f"{LABELS[system]} (warm-up)")
         with common.progress(total, "concurrency") as bar:
             for level in levels:
                 for system in systems:
