@@ -155,6 +155,8 @@ def test_a_drafted_turn_is_exact_counted_and_its_cache_serves_the_next_turn(daem
         assert turn.token_ids == reference.generate(EDIT, MAX_TOKENS)
         assert turn.drafted_tokens > 0 and turn.accepted_tokens > 0
         assert f"drafted={turn.drafted_tokens} accepted={turn.accepted_tokens}" in daemon.log()
+        status = client.status()
+        assert status.draft_model == "skip-draft" and status.tokens_drafted >= turn.drafted_tokens
         nxt = conv.send("Thanks. Now only the renamed function.")
         history = [dict(m) for m in conv.messages]
         assert nxt.cached_tokens >= turn.prompt_tokens + len(turn.token_ids) - 2

@@ -188,6 +188,8 @@ def format_status(status: Any) -> str:
         ("tokens saved", status.tokens_saved),
         ("tokens prefilled", status.tokens_prefilled),
         ("tokens generated", status.tokens_generated),
+        ("speculative", f"{status.tokens_accepted}/{status.tokens_drafted} drafts accepted"
+                        + (f" (draft model {status.draft_model})" if status.draft_model else "")),
         ("rss", format_bytes(status.rss_bytes)),
     ]
     width = max(len(k) for k, _ in summary)

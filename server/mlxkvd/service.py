@@ -345,4 +345,5 @@ class InferenceService(pb_grpc.InferenceServicer):
             model_state=state.state,
             load_progress=state.progress,
             model_path=str(rt.model_dir),
+            draft_model=self.turns.draft_model or "",
         )

@@ -298,7 +298,7 @@ class CacheTier(_message.Message):
     def __init__(self, name: _Optional[str] = ..., entries: _Optional[int] = ..., bytes: _Optional[int] = ..., budget_bytes: _Optional[int] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., in_flight_bytes: _Optional[int] = ...) -> None: ...
 
 class Status(_message.Message):
-    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype", "model_state", "load_progress", "model_path", "tokens_drafted", "tokens_accepted")
+    __slots__ = ("version", "model", "model_fingerprint", "backend", "model_loaded", "uptime_s", "requests", "requests_failed", "active_requests", "tokens_saved", "tokens_prefilled", "tokens_generated", "cache_tiers", "conversations", "rss_bytes", "socket", "context_length", "weights_dtype", "model_state", "load_progress", "model_path", "tokens_drafted", "tokens_accepted", "draft_model")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -322,6 +322,7 @@ class Status(_message.Message):
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     TOKENS_DRAFTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_MODEL_FIELD_NUMBER: _ClassVar[int]
     version: str
     model: str
     model_fingerprint: str
@@ -345,7 +346,8 @@ class Status(_message.Message):
     model_path: str
     tokens_drafted: int
     tokens_accepted: int
-    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ..., model_state: _Optional[str] = ..., load_progress: _Optional[float] = ..., model_path: _Optional[str] = ..., tokens_drafted: _Optional[int] = ..., tokens_accepted: _Optional[int] = ...) -> None: ...
+    draft_model: str
+    def __init__(self, version: _Optional[str] = ..., model: _Optional[str] = ..., model_fingerprint: _Optional[str] = ..., backend: _Optional[str] = ..., model_loaded: _Optional[bool] = ..., uptime_s: _Optional[float] = ..., requests: _Optional[int] = ..., requests_failed: _Optional[int] = ..., active_requests: _Optional[int] = ..., tokens_saved: _Optional[int] = ..., tokens_prefilled: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., cache_tiers: _Optional[_Iterable[_Union[CacheTier, _Mapping]]] = ..., conversations: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., socket: _Optional[str] = ..., context_length: _Optional[int] = ..., weights_dtype: _Optional[str] = ..., model_state: _Optional[str] = ..., load_progress: _Optional[float] = ..., model_path: _Optional[str] = ..., tokens_drafted: _Optional[int] = ..., tokens_accepted: _Optional[int] = ..., draft_model: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
