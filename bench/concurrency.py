@@ -18,7 +18,8 @@ that the load of this shared machine at that moment weighs on all of them alike:
 
 ``--gpu`` (MLX's CUDA backend): the three systems serve an 8B-shaped 4-bit model with random
 weights and the default model's tokenizer (``--tokenizer``), built there (no weights travel);
-its replies never end early, so every turn generates ``--max-tokens``. Each system first runs
+its replies never end early, so every turn generates ``--max-tokens``; mlxkvd's memory budget
+is 32 GiB (mlx_lm.server's prompt cache has none). Each system first runs
 one unmeasured round at the largest level, so that kernels compiled at first sight of a batch
 shape weigh on no measured level.
 
@@ -307,12 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     chats = {level: workload(level, count, args) for level in levels}
 
     sock = common.short_socket_dir()
+    # On the GPU the 8B model's caches outgrow the default 2 GiB budget at 8 conversations;
+    # mlx_lm.server keeps its prompt caches without a byte budget.
+    budget = ["--max-cache-bytes", "32GiB"] if args.gpu else []
     servers: dict[str, Any] = {
         "mlxkvd": common.DaemonProcess(sock / "batched.sock", workdir / "batched", workdir / "mlxkvd.log",
-                                       model=default_dir if args.gpu else None, extra_args=["--max-disk-bytes", "0"]),
+                                       model=default_dir if args.gpu else None,
+                                       extra_args=["--max-disk-bytes", "0", *budget]),
         "mlxkvd_serial": common.DaemonProcess(sock / "serial.sock", workdir / "serial", workdir / "mlxkvd_serial.log",
                                               model=default_dir if args.gpu else None,
-                                              extra_args=["--max-disk-bytes", "0", "--max-batch", "1"]),
+                                              extra_args=["--max-disk-bytes", "0", "--max-batch", "1", *budget]),
         "mlx_lm_server": common.MlxLmServer(f32_dir, workdir / "mlx_lm_server.log"),
     }
     report: dict[str, Any] = {

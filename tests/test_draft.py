@@ -5,7 +5,6 @@ no smaller model shares its tokenizer here."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -13,14 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
-from test_cancellation import wait_cancelled
-from test_speculative import EDIT, MAX_TOKENS, PROSE
+from conftest import Daemon
+from test_speculative import EDIT, MAX_TOKENS, PROSE, cancel_stops_within_one_step, run
 
 from mlxkv import Client
 
-from mlxkvd import speculative
-from mlxkvd.runtime import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +41,9 @@ def draft(draft_dir):
     return DraftModel(ModelRuntime(draft_dir), max_bytes=1 << 30)
 
 
-def run(runtime, messages, drafter=None, *, stop_after=None, key="c"):
-    """Greedy tokens (end of turn excluded) and the cache: plainly, or drafted by ``drafter``
-    (a ``DraftModel``)."""
-    ids = runtime.renderer.render(messages, []).ids
-    cache = runtime.make_cache()
-    runtime.prefill(ids[:-1], cache)
-    sampler = runtime.sampler(Sampling())
-    proposer = drafter.proposer(key, ids, MAX_TOKENS) if drafter is not None else None
-    gen = (speculative.generate(runtime, ids[-1:], cache, proposer, max_tokens=MAX_TOKENS, sampler=sampler)
-           if proposer is not None else runtime.generate(ids[-1:], cache, max_tokens=MAX_TOKENS, sampler=sampler))
-    tokens = []
-    with contextlib.closing(gen):
-        for token in gen:
-            if token in runtime.eos_token_ids:
-                break
-            tokens.append(token)
-            if len(tokens) == stop_after:
-                break
-    return ids, tokens, cache, proposer
+def drafting(draft, key: str = "c"):
+    """A drafter factory for ``run``: ``draft``'s proposer for conversation ``key``."""
+    return lambda ids: draft.proposer(key, ids, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("messages", [EDIT, PROSE], ids=["code-edit", "prose"])
@@ -71,7 +51,7 @@ def test_draft_model_gives_the_tokens_and_cache_of_plain_greedy_decoding(runtime
     import mlx.core as mx
 
     ids, plain, plain_cache, _ = run(runtime, messages)
-    _, fast, fast_cache, proposer = run(runtime, messages, draft)
+    _, fast, fast_cache, proposer = run(runtime, messages, drafting(draft))
     assert fast == plain
     assert proposer.drafted > 0 and proposer.accepted > 0, (proposer.drafted, proposer.accepted)
     assert fast_cache[0].offset == plain_cache[0].offset
@@ -80,14 +60,14 @@ def test_draft_model_gives_the_tokens_and_cache_of_plain_greedy_decoding(runtime
 
 
 def test_the_draft_keeps_a_cache_per_conversation_for_its_next_turn(runtime, draft):
-    ids, tokens, _, first = run(runtime, EDIT, draft, key="kept")
+    ids, tokens, _, first = run(runtime, EDIT, drafting(draft, "kept"))
     assert first.reused == 0
     stored = draft.store.tokens_of("kept")
     # The draft saw the prompt and the reply but its last token (fed with the next draft).
     assert stored is not None and stored == (ids + tokens)[: len(stored)] and len(stored) > len(ids)
     follow_up = EDIT + [{"role": "assistant", "content": runtime.decode(tokens)},
                         {"role": "user", "content": "Now only the renamed function."}]
-    _, again, _, second = run(runtime, follow_up, draft, key="kept")
+    _, again, _, second = run(runtime, follow_up, drafting(draft, "kept"))
     _, plain, _, _ = run(runtime, follow_up)
     assert again == plain
     assert second.reused >= len(ids), (second.reused, len(ids))  # no catch-up on the history
@@ -95,7 +75,7 @@ def test_the_draft_keeps_a_cache_per_conversation_for_its_next_turn(runtime, dra
 
 def test_a_caller_stopping_mid_draft_leaves_exactly_what_it_took_in_the_cache(runtime, draft):
     for stop_after in (1, 5, 17):
-        ids, tokens, cache, _ = run(runtime, EDIT, draft, stop_after=stop_after, key=f"stop{stop_after}")
+        ids, tokens, cache, _ = run(runtime, EDIT, drafting(draft, f"stop{stop_after}"), stop_after=stop_after)
         assert len(tokens) == stop_after and cache[0].offset == len(ids) + stop_after
 
 
@@ -168,24 +148,7 @@ def test_a_drafted_turn_is_exact_counted_and_its_cache_serves_the_next_turn(daem
 
 
 def test_cancelling_a_drafted_turn_stops_it_within_one_step(daemon, reference):
-    from mlxkvd.speculative import DRAFT_MAX
-
-    with Client(daemon.socket) as client:
-        conv = client.conversation("draft-cancel", system=EDIT[0]["content"], max_tokens=400)
-        stream = conv.stream(EDIT[1]["content"])
-        received = 0
-        for _ in stream:
-            received += 1
-            if received == 10:
-                break
-        stream.close()
-        generated, after_cancel = wait_cancelled(daemon, "draft-cancel")
-        assert after_cancel <= DRAFT_MAX + 1, after_cancel  # one verified step at most
-        assert received <= generated < 400
-        wait_for(lambda: client.status().active_requests == 0)
-        question = "Rename `sampling` to `build_sampling`."
-        again = conv.send(question, max_tokens=8)
-        assert again.token_ids == reference.generate([EDIT[0], {"role": "user", "content": question}], 8)
+    cancel_stops_within_one_step(daemon, reference, "draft-cancel")
 
 
 def test_draft_is_refused_by_a_daemon_without_a_draft_model(shared_daemon):

@@ -60,17 +60,22 @@ def runtime(model_dir):
     return ModelRuntime(model_dir)
 
 
-def run(runtime, messages, *, lookup: bool, stop_after: int | None = None):
-    """Greedy tokens (end of turn excluded) and the cache, generated plainly or with lookup."""
+def lookup(ids: list[int]) -> PromptLookup:
+    return PromptLookup(ids, room=MAX_TOKENS)
+
+
+def run(runtime, messages, drafter=None, *, stop_after: int | None = None):
+    """Greedy tokens (end of turn excluded), the cache and the drafter: generated plainly, or
+    speculatively with ``drafter(prompt ids)``."""
     from mlxkvd.runtime import Sampling
 
     ids = runtime.renderer.render(messages, []).ids
     cache = runtime.make_cache()
     runtime.prefill(ids[:-1], cache)
     sampler = runtime.sampler(Sampling())
-    drafts = PromptLookup(ids, room=MAX_TOKENS) if lookup else None
+    drafts = drafter(ids) if drafter is not None else None
     gen = (speculative.generate(runtime, ids[-1:], cache, drafts, max_tokens=MAX_TOKENS, sampler=sampler)
-           if lookup else runtime.generate(ids[-1:], cache, max_tokens=MAX_TOKENS, sampler=sampler))
+           if drafts is not None else runtime.generate(ids[-1:], cache, max_tokens=MAX_TOKENS, sampler=sampler))
     tokens = []
     with contextlib.closing(gen):
         for token in gen:
@@ -84,8 +89,8 @@ def run(runtime, messages, *, lookup: bool, stop_after: int | None = None):
 
 @pytest.mark.parametrize("messages", [EDIT, PROSE], ids=["code-edit", "prose"])
 def test_lookup_gives_the_tokens_and_cache_of_plain_greedy_decoding(runtime, messages):
-    ids, plain, plain_cache, _ = run(runtime, messages, lookup=False)
-    _, fast, fast_cache, drafts = run(runtime, messages, lookup=True)
+    ids, plain, plain_cache, _ = run(runtime, messages)
+    _, fast, fast_cache, drafts = run(runtime, messages, lookup)
     assert fast == plain
     assert fast_cache[0].offset == plain_cache[0].offset
     if messages is EDIT:
@@ -98,9 +103,9 @@ def test_lookup_gives_the_tokens_and_cache_of_plain_greedy_decoding(runtime, mes
 
 
 def test_a_caller_stopping_mid_draft_leaves_exactly_what_it_took_in_the_cache(runtime):
-    ids, _, _, _ = run(runtime, EDIT, lookup=False)
+    ids, _, _, _ = run(runtime, EDIT)
     for stop_after in (1, 7, 20):
-        _, tokens, cache, _ = run(runtime, EDIT, lookup=True, stop_after=stop_after)
+        _, tokens, cache, _ = run(runtime, EDIT, lookup, stop_after=stop_after)
         assert len(tokens) == stop_after and cache[0].offset == len(ids) + stop_after
 
 
@@ -144,10 +149,16 @@ def test_sampled_turns_and_requests_that_say_off_do_not_speculate(daemon):
 
 
 def test_cancelling_a_speculative_turn_stops_it_within_one_step(daemon, reference):
+    cancel_stops_within_one_step(daemon, reference, "spec-cancel")
+
+
+def cancel_stops_within_one_step(daemon, reference, conversation_id: str) -> None:
+    """Cancel a speculative code-edit turn after 10 deltas: at most one verified step more is
+    generated, and the conversation's next turn is exact."""
     from mlxkvd.speculative import DRAFT_MAX
 
     with Client(daemon.socket) as client:
-        conv = client.conversation("spec-cancel", system=EDIT[0]["content"], max_tokens=400)
+        conv = client.conversation(conversation_id, system=EDIT[0]["content"], max_tokens=400)
         stream = conv.stream(EDIT[1]["content"])
         received = 0
         for _ in stream:
@@ -155,7 +166,7 @@ def test_cancelling_a_speculative_turn_stops_it_within_one_step(daemon, referenc
             if received == 10:
                 break
         stream.close()
-        generated, after_cancel = wait_cancelled(daemon, "spec-cancel")
+        generated, after_cancel = wait_cancelled(daemon, conversation_id)
         assert after_cancel <= DRAFT_MAX + 1, after_cancel  # one verified step at most
         assert received <= generated < 400
         wait_for(lambda: client.status().active_requests == 0)
