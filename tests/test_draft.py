@@ -137,6 +137,9 @@ def test_a_drafted_turn_is_exact_counted_and_its_cache_serves_the_next_turn(daem
         assert f"drafted={turn.drafted_tokens} accepted={turn.accepted_tokens}" in daemon.log()
         status = client.status()
         assert status.draft_model == "skip-draft" and status.tokens_drafted >= turn.drafted_tokens
+        # The draft's caches take their share of the default 2 GiB budget.
+        memory = next(t for t in status.cache_tiers if t.name == "memory")
+        assert 1 << 30 < memory.budget_bytes < 2 << 30, memory.budget_bytes
         nxt = conv.send("Thanks. Now only the renamed function.")
         history = [dict(m) for m in conv.messages]
         assert nxt.cached_tokens >= turn.prompt_tokens + len(turn.token_ids) - 2

@@ -85,6 +85,8 @@ class Engine(BatchMode, WarmUpMode):
         self.runtime = runtime
         self.store = store
         self.draft = draft  # --draft-model: its caches get a share of the memory budget
+        if draft is not None:
+            self._set_memory_budget(store.memory_budget)
         self.registry = registry
         self.write_behind_delay_s = write_behind_delay_s
         self.idle_unload_s = idle_unload_s
@@ -211,6 +213,7 @@ class Engine(BatchMode, WarmUpMode):
         self.post(lambda: self._set_memory_budget(max_bytes))
 
     def _set_memory_budget(self, max_bytes: int) -> None:
+        """Split ``max_bytes`` between the model's caches and the draft model's."""
         draft = self.draft.share(max_bytes, self.runtime) if self.draft is not None else 0
         if self.draft is not None:
             self.draft.set_memory_budget(draft)

@@ -148,13 +148,10 @@ class Daemon:
         if runtime.backend == "cpu" and sys.platform.startswith("linux") and not blas.is_preloaded():
             log.warning("running without an optimized BLAS: expect about 30x slower prefill")
         draft = self._draft_model(catalog, loader, runtime) if config.draft_model else None
-        draft_bytes = draft.share(config.max_cache_bytes, runtime) if draft is not None else 0
-        if draft is not None:
-            draft.set_memory_budget(draft_bytes)
         store = CacheStore(
             MlxCacheOps(),
             fingerprint=runtime.fingerprint,
-            max_bytes=config.max_cache_bytes - draft_bytes,
+            max_bytes=config.max_cache_bytes,
             disk_dir=config.disk_dir() if config.max_disk_bytes > 0 else None,
             max_disk_bytes=config.max_disk_bytes,
             ttl_s=config.cache_ttl_s or None,

@@ -295,6 +295,11 @@ class CacheStore:
         self._settings["ttl_s"] = ttl_s
         self._tiers.set_ttl(ttl_s)
 
+    @property
+    def memory_budget(self) -> int:
+        """The memory budget in bytes (``max_bytes``)."""
+        return self._settings["max_bytes"]
+
     def set_memory_budget(self, max_bytes: int) -> None:
         """Change the memory budget, evicting at once if it shrank (e.g. memory pressure)."""
         self._settings["max_bytes"] = max_bytes
