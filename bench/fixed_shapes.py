@@ -1,0 +1,172 @@
+"""A cached turn's forward pass with and without fixed attention shapes:
+``python -m bench.fixed_shapes``.
+
+In process, on the 8B-shaped random 4-bit model (``bench.models.LLAMA_8B``, built under /tmp;
+``--tiny``: a 2-layer one on the CPU, a check of the logic). For a cache of ``--contexts``
+tokens, ``--turns`` cached turns of 273-568 random new tokens each (seeded), every pass timed
+to its logits:
+
+  plain, first sight    mlx-lm's pass onto the cache, on a shape it has not seen (what every
+                        MLX system pays per turn: on CUDA, cuDNN builds an attention plan);
+  plain, second sight   the same pass again (the plan built): what the pass itself costs;
+  fixed, warmed         ``mlxkvd.fixed_shapes.forward`` after ``warm`` built the plans of the
+                        cache's allocation (as the idle engine does), the shapes' first use;
+  fixed, cold           the same on an allocation ``warm`` has not seen (a plan per shape).
+
+Also the time ``warm`` takes per allocation, and how the logits of the last real token agree
+between the plain and the fixed pass (greedy token equal; largest absolute difference).
+Writes ``fixed_shapes.json`` and ``fixed_shapes.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench import common, models
+
+SEED = 20261203
+NEW_TOKENS = (273, 568)
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def timed(fn):
+    import mlx.core as mx
+
+    started = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    return time.perf_counter() - started, out
+
+
+def run_context(model, context: int, turns: int, rng: random.Random, vocab: int) -> dict:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxkvd import fixed_shapes
+
+    def ids(n: int) -> list[int]:
+        return [rng.randrange(100, vocab) for _ in range(n)]
+
+    cache = make_prompt_cache(model)
+    for start in range(0, context, 2048):
+        model(mx.array([ids(min(2048, context - start))], dtype=mx.uint32), cache=cache)
+        mx.eval([c.state for c in cache])
+    rows = []
+    for turn in range(turns):
+        n = rng.randint(*NEW_TOKENS)
+        new = ids(n)
+        offset = cache[0].offset
+        row: dict = {"offset": offset, "new": n, "bucket": fixed_shapes.bucket(n)}
+
+        def plain():
+            return model(mx.array([new], dtype=mx.uint32), cache=cache)[:, -1, :]
+
+        def back():
+            for c in cache:
+                c.offset = offset
+
+        row["plain_first_s"], plain_logits = timed(plain)
+        back()
+        row["plain_second_s"], _ = timed(plain)
+        back()
+        # An allocation warm has not seen: the fixed pass builds its plan.
+        fixed_shapes._grow(cache, fixed_shapes.room_target(offset) + fixed_shapes.ROOM_STEP * (turn + 1))
+        row["fixed_cold_s"], _ = timed(lambda: fixed_shapes.forward(model, new, cache))
+        back()
+        fixed_shapes._grow(cache, fixed_shapes.room_target(offset))
+        started = time.perf_counter()
+        row["warm_passes"] = fixed_shapes.warm(model, cache, lambda: False)
+        row["warm_s"] = time.perf_counter() - started
+        row["fixed_warmed_s"], fixed_logits = timed(lambda: fixed_shapes.forward(model, new, cache))
+        a, b = plain_logits.astype(mx.float32), fixed_logits.astype(mx.float32)
+        row["same_greedy_token"] = bool(mx.argmax(a).item() == mx.argmax(b).item())
+        row["max_abs_logit_diff"] = float(mx.max(mx.abs(a - b)).item())
+        # The turn's reply, as the next turn's history.
+        model(mx.array([ids(16)], dtype=mx.uint32), cache=cache)
+        mx.eval([c.state for c in cache])
+        say(f"  {context}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in row.items()))
+        rows.append(row)
+    return {"turns": rows}
+
+
+def summary(rows: list[dict]) -> dict:
+    med = {k: statistics.median(r[k] for r in rows) for k in
+           ("plain_first_s", "plain_second_s", "fixed_cold_s", "fixed_warmed_s", "warm_s")}
+    return {**med, "fixed_warmed_over_plain_first": med["fixed_warmed_s"] / med["plain_first_s"],
+            "same_greedy_token": sum(r["same_greedy_token"] for r in rows), "turns": len(rows),
+            "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows)}
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Fixed attention shapes: one cached turn's pass ({report['meta'].get('device')})", "",
+             "ms, median over the turns; 273-568 new tokens per turn.", "",
+             "| context | plain, first sight | plain, second sight | fixed, cold | fixed, warmed | "
+             "warmed / plain first | warm per allocation | same greedy token | max logit diff |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for context, r in report["results"].items():
+        s = r["summary"]
+        lines.append(f"| {context} | {s['plain_first_s'] * 1e3:.1f} | {s['plain_second_s'] * 1e3:.1f} | "
+                     f"{s['fixed_cold_s'] * 1e3:.1f} | {s['fixed_warmed_s'] * 1e3:.1f} | "
+                     f"{s['fixed_warmed_over_plain_first']:.2f} | {s['warm_s'] * 1e3:.0f} | "
+                     f"{s['same_greedy_token']}/{s['turns']} | {s['max_abs_logit_diff']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.fixed_shapes", description=__doc__.split("\n")[0])
+    parser.add_argument("--tokenizer", type=Path, help="dir with the default model's tokenizer files")
+    parser.add_argument("--contexts", default=None, help="cache sizes in tokens (default 8000,30000)")
+    parser.add_argument("--turns", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=common.RESULTS_DIR)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model on the CPU: a check of the logic")
+    args = parser.parse_args(argv)
+    import mlx.core as mx
+
+    if not args.tiny and not mx.cuda.is_available():
+        parser.error("no CUDA device: use --tiny for a CPU check")
+    contexts = [int(c) for c in (args.contexts or ("1000" if args.tiny else "8000,30000")).split(",")]
+    tokenizer_dir = args.tokenizer or models.default_tokenizer_dir()
+    shape = models.TINY_2L if args.tiny else models.LLAMA_8B
+    model_dir = Path(tempfile.gettempdir()) / f"mlxkv-random-{'tiny' if args.tiny else '8b'}-4bit"
+    model_dir, build_s = models.timed_build(model_dir, shape, tokenizer_dir,
+                                            dtype="float32" if args.tiny else "float16", bits=4, group_size=64)
+    ref = common.InProcess(model_dir)
+    model = ref.model
+    say(f"model ready ({build_s:.1f} s); warming up kernels")
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    for n in (2048, 300, 16, 1, 512, 1024):  # quantized matmul kernels per length class, once
+        t, _ = timed(lambda n=n: model(mx.zeros((1, n), dtype=mx.uint32), cache=cache))
+        say(f"  warm-up pass of {n}: {t:.2f} s")
+    del cache
+    rng = random.Random(SEED)
+    vocab = len(ref.tokenizer.vocab) if hasattr(ref.tokenizer, "vocab") else 32000
+    report = {"meta": {**common.machine_info(), "device": str(mx.default_device()),
+                       "git": common.git_state(), "model_shape": shape.__dict__}, "results": {}}
+    for context in contexts:
+        say(f"context {context}")
+        result = run_context(model, context, args.turns, rng, min(vocab, 40000))
+        result["summary"] = summary(result["turns"])
+        report["results"][context] = result
+        mx.clear_cache()
+    args.out.mkdir(parents=True, exist_ok=True)
+    common.write_json(args.out / "fixed_shapes.json", report)
+    text = markdown(report)
+    (args.out / "fixed_shapes.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
