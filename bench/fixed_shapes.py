@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     for n in (2048, 300, 16, 1, 512, 1024):  # quantized matmul kernels per length class, once
         t, _ = timed(lambda n=n: model(mx.zeros((1, n), dtype=mx.uint32), cache=cache))
         say(f"  warm-up pass of {n}: {t:.2f} s")
-    del cache
+    cache = None
     rng = random.Random(SEED)
     vocab = len(ref.tokenizer.vocab) if hasattr(ref.tokenizer, "vocab") else 32000
     report = {"meta": {**common.machine_info(), "device": str(mx.default_device()),
