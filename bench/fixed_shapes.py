@@ -9,11 +9,12 @@ to its logits:
   plain, first sight    mlx-lm's pass onto the cache, on a shape it has not seen (what every
                         MLX system pays per turn: on CUDA, cuDNN builds an attention plan);
   plain, second sight   the same pass again (the plan built): what the pass itself costs;
-  fixed, warmed         ``mlxkvd.fixed_shapes.forward`` after ``warm`` built the plans of the
-                        cache's allocation (as the idle engine does), the shapes' first use;
-  fixed, cold           the same on an allocation ``warm`` has not seen (a plan per shape).
+  fixed, warmed         ``mlxkvd.fixed_shapes.forward`` (the pass in whole blocks of positions)
+                        after ``warm`` planned the next turn's likely shapes, as the idle
+                        engine does (the cache given room for 1024 more tokens first);
+  fixed, cold           the same in an allocation no plan was built for.
 
-Also the time ``warm`` takes per allocation, and how the logits of the last real token agree
+Also the time ``warm`` takes, and how the logits of the last real token agree
 between the plain and the fixed pass (greedy token equal; largest absolute difference).
 Writes ``fixed_shapes.json`` and ``fixed_shapes.md`` under ``--out``.
 """
@@ -65,7 +66,7 @@ def run_context(model, context: int, turns: int, rng: random.Random, vocab: int)
         n = rng.randint(*NEW_TOKENS)
         new = ids(n)
         offset = cache[0].offset
-        row: dict = {"offset": offset, "new": n, "bucket": fixed_shapes.bucket(n)}
+        row: dict = {"offset": offset, "new": n, "span": fixed_shapes.span(offset, n)}
 
         def plain():
             return model(mx.array([new], dtype=mx.uint32), cache=cache)[:, -1, :]
@@ -78,13 +79,14 @@ def run_context(model, context: int, turns: int, rng: random.Random, vocab: int)
         back()
         row["plain_second_s"], _ = timed(plain)
         back()
-        # An allocation warm has not seen: the fixed pass builds its plan.
-        fixed_shapes._grow(cache, fixed_shapes.room_target(offset) + fixed_shapes.ROOM_STEP * (turn + 1))
+        # An allocation no plan was built for: the blocked pass builds its own.
+        fixed_shapes._grow(cache, offset + fixed_shapes.MAX_BLOCKS * fixed_shapes.BLOCK + 256 * (turn + 3))
         row["fixed_cold_s"], _ = timed(lambda: fixed_shapes.forward(model, new, cache))
         back()
-        fixed_shapes._grow(cache, fixed_shapes.room_target(offset))
+        fixed_shapes._grow(cache, offset + fixed_shapes.MAX_BLOCKS * fixed_shapes.BLOCK)
+        spans = fixed_shapes.likely_spans(offset, fixed_shapes.allocated(cache))
         started = time.perf_counter()
-        row["warm_passes"] = fixed_shapes.warm(model, cache, lambda: False)
+        row["warm_passes"] = fixed_shapes.warm(model, cache, spans, lambda: False)
         row["warm_s"] = time.perf_counter() - started
         row["fixed_warmed_s"], fixed_logits = timed(lambda: fixed_shapes.forward(model, new, cache))
         a, b = plain_logits.astype(mx.float32), fixed_logits.astype(mx.float32)
@@ -111,7 +113,7 @@ def markdown(report: dict) -> str:
     lines = [f"# Fixed attention shapes: one cached turn's pass ({report['meta'].get('device')})", "",
              "ms, median over the turns; 273-568 new tokens per turn.", "",
              "| context | plain, first sight | plain, second sight | fixed, cold | fixed, warmed | "
-             "warmed / plain first | warm per allocation | same greedy token | max logit diff |",
+             "warmed / plain first | warm (all likely shapes) | same greedy token | max logit diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for context, r in report["results"].items():
         s = r["summary"]

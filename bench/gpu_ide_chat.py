@@ -7,7 +7,9 @@ On the GPU machine (see /work/shared/gpu/README.md)::
 An 8B-shaped llama with random 4-bit weights and the default model's tokenizer is built under
 /tmp (no weights travel). Workload: a system prompt with tool definitions of ~8K and, separately,
 ~30K tokens (``--sizes``), then ``--turns`` turns each adding a 273-568-token user message
-(seeded), ``max_tokens`` 16, greedy. Turn 1 is cold; the others are cached.
+(seeded), ``max_tokens`` 16, greedy. Turn 1 is cold; the others are cached, each after
+``--think-s`` idle seconds (default 1: the user reads the reply and types; 0: back to back, as
+an agent), the same for every system.
 
 Systems, one after another (one MLX server process alive at a time):
   mlxkvd         the daemon over its Unix socket through the ``mlxkv`` client;
@@ -122,6 +124,8 @@ def run_mlxkvd(args, model_dir: Path, workloads: dict, ref: common.InProcess, wo
                 turns, prompts, generated = [], [], []
                 for k, user in enumerate(users, start=1):
                     prompts.append(ref.render(conv.messages + [{"role": "user", "content": user}]))
+                    if k > 1:
+                        time.sleep(args.think_s)
                     ttft, total = common.stream_turn(conv, user, args.max_tokens)
                     t = conv.last_turn
                     generated.append(t.token_ids)
@@ -187,6 +191,8 @@ def run_mlx_lm_server(args, model_dir: Path, workloads: dict, ref: common.InProc
             turns = []
             for k, user in enumerate(users, start=1):
                 messages.append({"role": "user", "content": user})
+                if k > 1:
+                    time.sleep(args.think_s)
                 r = server.chat(messages, args.max_tokens)
                 messages.append({"role": "assistant", "content": r.text})
                 usage = r.usage or {}
@@ -249,8 +255,9 @@ def markdown(report: dict) -> str:
              f"Random-weight llama {m['model_shape']['num_hidden_layers']} layers, hidden {m['model_shape']['hidden_size']}, "
              f"4-bit; mlx {m.get('mlx')}, mlx-lm {m.get('mlx_lm')}; mlxkvd --max-cache-bytes "
              f"{m['mlxkvd_max_cache_bytes'] or 'default'}. TTFT in ms, client side; user messages "
-             f"{USER_TOKENS[0]}-{USER_TOKENS[1]} tokens, max_tokens {report['max_tokens']}, greedy. limit = min(two-pass, "
-             "one-pass) prefill of the new tokens onto a warm cache in-process, first sight of each shape.", ""]
+             f"{USER_TOKENS[0]}-{USER_TOKENS[1]} tokens, max_tokens {report['max_tokens']}, greedy; {report.get('think_s', 0):g} s idle before each "
+             "cached turn. limit = min(two-pass, one-pass) prefill of the new tokens onto a warm cache in-process, "
+             "first sight of each shape.", ""]
     for s in report["sizes"]:
         c = s["cold"]
         lines += [f"## system prompt ~{s['size']} tokens", "",
@@ -324,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="system prompt sizes in tokens (default 8000,30000; --tiny 1000)")
     parser.add_argument("--turns", type=int, help="turns per size, the first cold (default 10; --tiny 3)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
+    parser.add_argument("--think-s", type=float, default=1.0,
+                        help="idle seconds before each cached turn, as a user reads and types (0: back to back)")
     parser.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--model-dir", type=Path, help="where to build the model (default: under the temp dir)")
     parser.add_argument("--mlxkvd-max-cache-bytes", default="auto",
@@ -375,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="mlxkv-gpu-"))
     report: dict[str, Any] = {
-        "tiny": args.tiny, "turns": turns, "max_tokens": args.max_tokens,
+        "tiny": args.tiny, "turns": turns, "max_tokens": args.max_tokens, "think_s": args.think_s,
         "meta": {**common.machine_info(), **device_meta(), "git": common.git_state(), "model_dir": str(model_dir), "model_shape": shape.__dict__,
                  "kv_bytes_per_token": bytes_per_token, "mlxkvd_max_cache_bytes": cache_bytes,
                  "in_process_warm_up_s": warm_ups},

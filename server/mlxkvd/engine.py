@@ -6,7 +6,8 @@ cached prefix of its prompt from the store, prefills the rest, streams tokens, a
 cache back in. A turn whose client went away stops within one prefill chunk or one decode step.
 
 Idle time is used in stages: right after a turn, its conversation's cache gets room for the
-next turn's tokens (``store.make_room``); once nothing has been queued for ``write_behind_delay_s``,
+next turn's tokens (``store.make_room``) and, on backends that plan attention per shape, the
+next turn's likely shapes are planned (``ModelRuntime.warm_shapes``); once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so a client that sends
 its next turn right away never waits for a write; caches unused for ``cache_ttl_s`` are
 forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
@@ -378,10 +379,15 @@ class Engine(BatchMode, WarmUpMode):
             log.exception("expiring caches failed")
 
     def _make_room(self) -> None:
+        """Room in the last turn's cache for the next turn's tokens, then the attention plans
+        of the next turn's likely shapes (``ModelRuntime.warm_shapes``), until work arrives."""
         key, self._room_for = self._room_for, None
         try:
             if self.store.make_room(key, NEXT_TURN_ROOM):
                 self._refresh_snapshot()
+            cache = self.store.resident(key)
+            if cache is not None:
+                self.runtime.warm_shapes(cache, stop=lambda: not self._queue.empty())
         except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
             log.exception("making room in a cache failed")
 

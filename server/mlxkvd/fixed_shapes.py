@@ -1,20 +1,23 @@
 """Fixed attention shapes for a cached turn's forward pass, on backends that plan per shape.
 
 MLX's CUDA backend runs prefill attention through cuDNN, which builds an execution plan the
-first time it sees a shape (query length, key length and strides, mask): 60-90 ms on an H200, as
-long as the rest of a few-hundred-token turn's pass. A conversation never repeats a shape (its
-cache grows every turn), so every cached turn pays it, in every MLX system alike.
+first time it sees a shape (query length, key length and strides): 60-90 ms on an H200, as long
+as the rest of a few-hundred-token turn's pass. A conversation never repeats a shape (its cache
+grows every turn), so every cached turn pays it, in every MLX system alike.
 
-Here a cached turn's new tokens are padded to a multiple of ``BUCKET_STEP`` (up to
-``MAX_BUCKET``), and attention sees the cache's whole allocation, the keys past each query
-masked off. The shapes then depend only on the bucket and the allocation, which the engine
-grows in steps of ``ROOM_STEP`` tokens; ``warm`` builds the plans for every bucket of an
-allocation while the engine is idle, so the next turn finds its plan built.
+Here a cached turn's pass covers whole blocks of ``BLOCK`` positions: it starts at the block
+boundary at or before the cache's offset and ends at the boundary at or after its last new
+token. The positions before the offset are queries only (their keys and values stay the stored
+ones), those after the last token are padding; their outputs are dropped. The pass's shapes then
+depend on a block index and a block count, both known when a turn ends: ``warm`` builds the plans
+for the next turn's likely shapes while the engine is idle, so the next turn finds its plan
+built. Attention stays the causal kernel: the pass's last query sits at its last key.
 
-Exactness: the padding comes after the real tokens, and causal attention never lets a token see
-a later one; masked keys get zero weight. The real positions' outputs are the unpadded pass's,
-up to the floating-point order of kernels of another shape. The padding's keys and values are
-written past the cache's offset, which is then set back: the next token overwrites them.
+Exactness: a new token attends to exactly the keys and values it would without the blocks (the
+stored ones, then the new ones up to itself); what differs is the length of the matrices its
+row belongs to, so its outputs equal the plain pass's up to the floating-point order of kernels
+of another shape. The padding's keys and values are written past the cache's offset, which is
+then set back: the next token overwrites them.
 """
 
 from __future__ import annotations
@@ -24,24 +27,25 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
-BUCKET_STEP = 128
-MAX_BUCKET = 1024
-# A cache's allocation grows by whole steps of this many tokens (and by at least MAX_BUCKET
-# beyond its offset), so that a conversation keeps one allocation, and one set of shapes, for
-# several turns.
-ROOM_STEP = 4096
+BLOCK = 128
+MAX_BLOCKS = 8  # passes of more blocks run as they are (their plan is a smaller share of them)
+# How far back from a cache's end the next turn may start: where the next prompt re-tokenizes
+# the end of the reply differently (see the engine's tail re-prefill).
+TAIL = 8
+ALLOC_STEP = 256  # mlx-lm's KVCache step
 
 
-def bucket(n: int) -> int | None:
-    """The padded length for ``n`` new tokens, or None if they are not padded."""
-    if not 0 < n <= MAX_BUCKET:
-        return None
-    return -(-n // BUCKET_STEP) * BUCKET_STEP
+def span(offset: int, new: int) -> tuple[int, int] | None:
+    """(start, length) of the blocked pass for ``new`` tokens after ``offset``, or None when it
+    would cover more than ``MAX_BLOCKS``."""
+    start = offset // BLOCK * BLOCK
+    end = -(-(offset + new) // BLOCK) * BLOCK
+    return (start, end - start) if end - start <= MAX_BLOCKS * BLOCK else None
 
 
 def applies(cache: list) -> bool:
-    """Whether ``cache`` (one model's layers) can take a padded pass: plain KVCache layers that
-    already hold tokens (a first turn's prompt is long and chunked; padding would not pay)."""
+    """Whether ``cache`` (one model's layers) can take a blocked pass: plain KVCache layers that
+    already hold tokens (a first turn's prompt is long and chunked; blocks would not pay)."""
     return all(type(c) is KVCache for c in cache) and cache[0].keys is not None and cache[0].offset > 0
 
 
@@ -49,92 +53,88 @@ def allocated(cache: list) -> int:
     return cache[0].keys.shape[-2]
 
 
-def room_target(offset: int) -> int:
-    """The allocation a cache holding ``offset`` tokens is given for its next turn."""
-    return -(-(offset + MAX_BUCKET) // ROOM_STEP) * ROOM_STEP
+class _Blocked:
+    """One KVCache layer as a blocked pass sees it: the pass's queries start at ``start``; the
+    keys and values from the layer's offset to ``end`` are written (``write``) or left as they
+    are (a warm-up pass, whose outputs are dropped), and attention sees the layer's first
+    ``end`` positions."""
 
-
-class _WholeAllocation:
-    """One KVCache layer as a padded pass sees it: it writes the new keys and values in place
-    and hands attention the whole allocation, with the mask that hides what lies past each
-    query."""
-
-    def __init__(self, layer: KVCache, mask: mx.array):
+    def __init__(self, layer: KVCache, start: int, end: int, write: bool):
         self.layer = layer
-        self.offset = layer.offset  # rotary positions start here
-        self._mask = mask
+        self.offset = start  # rotary positions start here
+        self._end = end
+        self._write = write
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
-        self.layer.update_and_fetch(keys, values)
-        return self.layer.keys, self.layer.values
+        layer, end = self.layer, self._end
+        if self._write:
+            skip = layer.offset - self.offset  # positions already stored
+            layer.keys[..., layer.offset : end, :] = keys[..., skip:, :]
+            layer.values[..., layer.offset : end, :] = values[..., skip:, :]
+        return layer.keys[..., :end, :], layer.values[..., :end, :]
 
-    def make_mask(self, *args, **kwargs) -> mx.array:
-        return self._mask
-
-
-def _mask(offset: int, queries: int, keys: int) -> mx.array:
-    """Query i (at position offset + i) sees keys 0..offset + i."""
-    return mx.arange(keys)[None, :] <= (offset + mx.arange(queries))[:, None]
+    def make_mask(self, *args, **kwargs) -> str:
+        return "causal"  # the last query is at the last key
 
 
 def _grow(cache: list, tokens: int) -> None:
-    """Reallocate every layer to hold ``tokens``, keeping what it holds."""
+    """Reallocate every layer to hold ``tokens`` (in KVCache steps), keeping what it holds."""
+    size = -(-tokens // ALLOC_STEP) * ALLOC_STEP
     for c in cache:
         n = c.offset
 
         def copy(x, n=n):
-            out = mx.zeros((*x.shape[:-2], tokens, x.shape[-1]), dtype=x.dtype)
+            out = mx.zeros((*x.shape[:-2], size, x.shape[-1]), dtype=x.dtype)
             out[..., :n, :] = x[..., :n, :]
             return out
 
         c.keys, c.values = copy(c.keys), copy(c.values)
-    mx.eval([(c.keys, c.values) for c in cache])
 
 
-def make_room(cache: list) -> bool:
-    """Give ``cache`` the allocation ``room_target`` asks for, if it has less. True if it grew."""
-    if not applies(cache):
-        return False
-    target = room_target(cache[0].offset)
-    if allocated(cache) >= cache[0].offset + MAX_BUCKET:
-        return False
-    _grow(cache, target)
-    return True
-
-
-def forward(model, tokens: Sequence[int], cache: list) -> mx.array:
-    """One pass of ``tokens`` (at most ``MAX_BUCKET``) padded to their bucket onto ``cache``
-    (``applies``); the logits of the last real token, shape (1, vocab), lazy. The cache ends
-    holding the real tokens only."""
-    n = len(tokens)
-    padded = bucket(n)
-    offset = cache[0].offset
-    if allocated(cache) < offset + padded:
-        _grow(cache, room_target(offset))
-    mask = _mask(offset, padded, allocated(cache))
-    ids = mx.array([list(tokens) + [tokens[-1]] * (padded - n)], dtype=mx.uint32)
-    logits = model(ids, cache=[_WholeAllocation(c, mask) for c in cache])[:, n - 1, :]
+def forward(model, tokens: Sequence[int], cache: list) -> mx.array | None:
+    """One blocked pass of ``tokens`` onto ``cache`` (which ``applies``): the logits of the last
+    token, shape (1, vocab), lazy; None (nothing done) when the pass would be too long. The
+    cache ends holding the tokens."""
+    offset, n = cache[0].offset, len(tokens)
+    blocked = span(offset, n)
+    if blocked is None or n == 0:
+        return None
+    start, length = blocked
+    if allocated(cache) < start + length:
+        _grow(cache, start + length)
+    before = offset - start
+    ids = [tokens[0]] * before + list(tokens) + [tokens[-1]] * (length - before - n)
+    views = [_Blocked(c, start, start + length, write=True) for c in cache]
+    logits = model(mx.array([ids], dtype=mx.uint32), cache=views)[:, before + n - 1, :]
     for c in cache:
         c.offset = offset + n
     return logits
 
 
-def warm(model, cache: list, stop: Callable[[], bool]) -> int:
-    """Build the attention plans of every bucket for ``cache``'s allocation: one padded pass
-    each, set back afterwards, so the cache holds what it held. Stops early when ``stop()``
-    is true (checked between passes). Returns the passes run."""
-    if not applies(cache) or allocated(cache) < cache[0].offset + MAX_BUCKET:
+def likely_spans(offset: int, allocation: int, first: int | None = None) -> list[tuple[int, int]]:
+    """The (start, length) spans of a next turn after a cache of ``offset`` tokens in an
+    allocation of ``allocation``, most likely first: its start block (or the one before, if the
+    next prompt may start up to ``TAIL`` tokens earlier), every length up to ``MAX_BLOCKS``,
+    ordered by distance from ``first`` (the last turn's length) when given."""
+    starts = sorted({offset // BLOCK * BLOCK, max(0, offset - TAIL) // BLOCK * BLOCK}, reverse=True)
+    lengths = [b * BLOCK for b in range(1, MAX_BLOCKS + 1)]
+    if first is not None:
+        lengths.sort(key=lambda length: (abs(length - first), length))
+    return [(s, length) for length in lengths for s in starts
+            if s + length > offset and s + length <= allocation]
+
+
+def warm(model, cache: list, spans: Sequence[tuple[int, int]], stop: Callable[[], bool]) -> int:
+    """Build the attention plans of ``spans`` for ``cache``'s allocation: one pass of each that
+    writes nothing (its outputs dropped), so the cache holds what it held. Stops early when
+    ``stop()`` is true (checked between passes). Returns the passes run."""
+    if not applies(cache):
         return 0
-    offset = cache[0].offset
     ran = 0
-    for padded in range(BUCKET_STEP, MAX_BUCKET + 1, BUCKET_STEP):
+    for start, length in spans:
         if stop():
             break
-        mask = _mask(offset, padded, allocated(cache))
-        ids = mx.zeros((1, padded), dtype=mx.uint32)
-        out = model(ids, cache=[_WholeAllocation(c, mask) for c in cache])[:, -1, :]
-        mx.eval(out, [(c.keys, c.values) for c in cache])
-        for c in cache:
-            c.offset = offset
+        views = [_Blocked(c, start, start + length, write=False) for c in cache]
+        mx.eval(model(mx.zeros((1, length), dtype=mx.uint32), cache=views)[:, -1, :])
         ran += 1
     return ran

@@ -25,6 +25,7 @@ from mlx_lm.models.cache import KVCache, QuantizedKVCache, RotatingKVCache, make
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_sampler
 from mlx_lm.utils import dequantize_model
 
+from . import fixed_shapes
 from .errors import ModelChangedError, ModelLoadError
 from .prompt import PromptRenderer
 from .reply import ToolFormat
@@ -135,6 +136,14 @@ class ModelRuntime:
             isinstance(c, (KVCache, QuantizedKVCache)) for c in self.make_cache()
         )
         self._kv_growth = self._measure_kv_growth()
+        # Cached turns' passes in whole blocks of positions, whose attention plans are built
+        # while idle (fixed_shapes.py): where the backend builds a plan per attention shape.
+        self.fixed_shapes = self.backend == "cuda"
+        self._last_span = None  # the last blocked pass's length, the likeliest next one
+        self._planned: set[tuple[int, int, int]] = set()  # (start, length, allocation) warmed
+        # blocked: cached turns' passes in blocks; planned: warm-up passes; warmed: blocked
+        # passes whose shape a warm-up had planned; warm_ups: warm_shapes calls that ran.
+        self.shape_stats = {"blocked": 0, "planned": 0, "warmed": 0, "warm_ups": 0}
 
     def _current_fingerprint(self) -> str:
         fingerprint = _fingerprint(self.model_dir) + (f"-kv{self.kv_bits}" if self.kv_bits else "")
@@ -331,11 +340,45 @@ class ModelRuntime:
         KVCache layers, not quantized)."""
         return not self.kv_bits and all(type(c) is KVCache for c in self.make_cache())
 
+    def warm_shapes(self, cache: list, stop: Callable[[], bool]) -> int:
+        """Build the attention plans of the next turn's likely shapes onto ``cache`` (read, not
+        changed), while ``stop()`` is false; see fixed_shapes.py. Returns the passes run."""
+        if not self.fixed_shapes or self.kv_bits or not fixed_shapes.applies(cache):
+            return 0
+        allocation = fixed_shapes.allocated(cache)
+        spans = fixed_shapes.likely_spans(cache[0].offset, allocation, self._last_span)
+        started = time.perf_counter()
+        with mx.stream(generation_stream):
+            ran = fixed_shapes.warm(self.model, cache, spans, stop)
+        self._planned = {(start, length, allocation) for start, length in spans[:ran]}
+        self.shape_stats["planned"] += ran
+        self.shape_stats["warm_ups"] += 1
+        log.debug("planned %d of %d likely shapes in %.0f ms", ran, len(spans), (time.perf_counter() - started) * 1e3)
+        return ran
+
+    def _blocked_logits(self, tokens: list[int], cache: list):
+        """The last token's logits from a blocked pass (fixed_shapes.py), or None where it
+        does not apply."""
+        if not self.fixed_shapes or self.kv_bits or not tokens or not fixed_shapes.applies(cache):
+            return None
+        blocked = fixed_shapes.span(cache[0].offset, len(tokens))
+        if blocked is None:
+            return None
+        self._last_span = blocked[1]
+        self.shape_stats["blocked"] += 1
+        self.shape_stats["warmed"] += (*blocked, fixed_shapes.allocated(cache)) in self._planned
+        return fixed_shapes.forward(self.model, tokens, cache)
+
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
         """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last
         position (None: only feed them)."""
         tokens = list(tokens)
         with mx.stream(generation_stream):  # the stream generate_step runs on
+            logits = self._blocked_logits(tokens, cache) if sampler is not None else None
+            if logits is not None:
+                token = sampler(logits - mx.logsumexp(logits, keepdims=True))
+                mx.eval(token, [c.state for c in cache])
+                return int(token.item())
             if len(tokens) > 1 and sampler is not None and self.backend == "cpu":
                 # Lazy: its logits are never evaluated, so the head never runs for these.
                 self.model(mx.array([tokens[:-1]], dtype=mx.uint32), cache=cache)

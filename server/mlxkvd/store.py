@@ -271,6 +271,11 @@ class CacheStore:
         the memory budget has it (see ``Tiers.make_room``). True if it grew."""
         return self._tiers.make_room(key, tokens)
 
+    def resident(self, key: str):
+        """``key``'s cache if it is in memory, else None; to read on the engine thread, between
+        turns (it stays the store's: nothing may change it)."""
+        return self._tiers.resident(key)
+
     def persist_next(self) -> bool:
         """Write one memory entry not on disk yet (write-behind), keeping it resident. False when
         there is nothing to write (or no disk tier)."""

@@ -178,6 +178,10 @@ class Tiers:
         on_disk = self._disk.keys() if self._disk is not None else []
         return list(dict.fromkeys([*self._mem.keys(), *on_disk]))  # a key can be in both
 
+    def resident(self, key: str):
+        entry = self._mem.get(key)
+        return None if entry is None else entry.cache
+
     def make_room(self, key: str, tokens: int) -> bool:
         """Allocate room for ``tokens`` more tokens in ``key``'s resident cache, if the memory
         budget has it beside the other entries (nothing is evicted for it). A cache grows by
