@@ -8,8 +8,9 @@ An 8B-shaped llama with random 4-bit weights and the default model's tokenizer i
 /tmp (no weights travel). Workload: a system prompt with tool definitions of ~8K and, separately,
 ~30K tokens (``--sizes``), then ``--turns`` turns each adding a 273-568-token user message
 (seeded), ``max_tokens`` 16, greedy. Turn 1 is cold; the others are cached, each after
-``--think-s`` idle seconds (default 1: the user reads the reply and types; 0: back to back, as
-an agent), the same for every system.
+``--think-s`` idle seconds, the same for every system (default 0.75: the user reads the reply
+and types, as quick as anyone; less than mlxkvd's write-behind delay of 1 s, after which the idle
+daemon writes a cache to disk, which a turn arriving then waits for; 0: back to back, as an agent).
 
 Systems, one after another (one MLX server process alive at a time):
   mlxkvd         the daemon over its Unix socket through the ``mlxkv`` client;
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", help="system prompt sizes in tokens (default 8000,30000; --tiny 1000)")
     parser.add_argument("--turns", type=int, help="turns per size, the first cold (default 10; --tiny 3)")
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens generated per turn")
-    parser.add_argument("--think-s", type=float, default=1.0,
+    parser.add_argument("--think-s", type=float, default=0.75,
                         help="idle seconds before each cached turn, as a user reads and types (0: back to back)")
     parser.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
     parser.add_argument("--model-dir", type=Path, help="where to build the model (default: under the temp dir)")

@@ -31,7 +31,7 @@ BLOCK = 128
 MAX_BLOCKS = 8  # passes of more blocks run as they are (their plan is a smaller share of them)
 # How far back from a cache's end the next turn may start: where the next prompt re-tokenizes
 # the end of the reply differently (see the engine's tail re-prefill).
-TAIL = 8
+TAIL = 16
 ALLOC_STEP = 256  # mlx-lm's KVCache step
 
 
@@ -126,15 +126,36 @@ def likely_spans(offset: int, allocation: int, first: int | None = None) -> list
 
 def warm(model, cache: list, spans: Sequence[tuple[int, int]], stop: Callable[[], bool]) -> int:
     """Build the attention plans of ``spans`` for ``cache``'s allocation: one pass of each that
-    writes nothing (its outputs dropped), so the cache holds what it held. Stops early when
-    ``stop()`` is true (checked between passes). Returns the passes run."""
+    writes nothing (its outputs dropped), so the cache holds what it held. Where the model's
+    first layer can be called alone, only it runs (every layer has the same attention shapes);
+    else the whole model does. Stops early when ``stop()`` is true (checked between passes).
+    Returns the passes run."""
     if not applies(cache):
         return 0
+    first = _first_layer(model)
     ran = 0
     for start, length in spans:
         if stop():
             break
-        views = [_Blocked(c, start, start + length, write=False) for c in cache]
-        mx.eval(model(mx.zeros((1, length), dtype=mx.uint32), cache=views)[:, -1, :])
+        ids = mx.zeros((1, length), dtype=mx.uint32)
+        if first is None:
+            views = [_Blocked(c, start, start + length, write=False) for c in cache]
+            mx.eval(model(ids, cache=views)[:, -1, :])
+        else:
+            embed, layer = first
+            h = embed(ids)
+            mx.eval(layer(h, "causal", cache=_Blocked(cache[0], start, start + length, write=False)))
         ran += 1
     return ran
+
+
+def _first_layer(model):
+    """(the token embedding, the first decoder layer) of an mlx-lm model laid out as most are
+    (``model.model.embed_tokens``, ``model.layers``, each layer called ``layer(h, mask, cache=)``
+    with a ``self_attn``), else None."""
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    layers = getattr(model, "layers", None)
+    if embed is None or not layers or not hasattr(layers[0], "self_attn"):
+        return None
+    return embed, layers[0]
