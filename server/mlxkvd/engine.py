@@ -6,8 +6,9 @@ cached prefix of its prompt from the store, prefills the rest, streams tokens, a
 cache back in. A turn whose client went away stops within one prefill chunk or one decode step.
 
 Idle time is used in stages: right after a turn, its conversation's cache gets room for the
-next turn's tokens (``store.make_room``) and, on backends that plan attention per shape, the
-next turn's likely shapes are planned (``ModelRuntime.warm_shapes``); once nothing has been queued for ``write_behind_delay_s``,
+next turn's tokens (``store.make_room``) and, on backends that plan attention per shape, after
+``WARM_SHAPES_DELAY_S`` the next turn's likely shapes are planned (``ModelRuntime.warm_shapes``);
+once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so a client that sends
 its next turn right away never waits for a write; caches unused for ``cache_ttl_s`` are
 forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
@@ -49,6 +50,9 @@ DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
 # Room made, once a turn is over, in its conversation's cache for what the next turn adds (a
 # user message, the re-rendered end of the reply; a tool result may need more).
 NEXT_TURN_ROOM = 1024
+# How long the engine waits, idle after a turn, before it plans the next turn's likely shapes:
+# a request sent right after a turn (an agent's) must not wait for a warm-up pass.
+WARM_SHAPES_DELAY_S = 0.2
 # Turns decoded together at most (1: one at a time).
 DEFAULT_MAX_BATCH = 8
 # How often an idle engine looks for caches past their TTL.
@@ -95,6 +99,7 @@ class Engine(BatchMode, WarmUpMode):
         self._ops = MlxCacheOps()
         self._last_turn_at = self._last_expiry_at = time.monotonic()
         self._room_for: str | None = None  # the conversation whose cache gets room next
+        self._warm_for: str | None = None  # the conversation whose next shapes get planned
         self.max_batch = max_batch
         self._batchable = runtime.can_batch
         if max_batch > 1 and not self._batchable:
@@ -340,11 +345,19 @@ class Engine(BatchMode, WarmUpMode):
                 self._make_room()
             now = time.monotonic()
             idle = now - self._last_turn_at
+            if self._warm_for is not None and idle >= WARM_SHAPES_DELAY_S:
+                item = self._wait(0)
+                if item is not _EMPTY:
+                    return item
+                self._warm_shapes()
+                continue
             if self.cache_ttl_s > 0 and now - self._last_expiry_at >= TTL_CHECK_S:
                 self._last_expiry_at = now
                 self._expire()
             # How long to wait for work before the next idle duty is due (None: forever).
             waits = [TTL_CHECK_S] if self.cache_ttl_s > 0 else []
+            if self._warm_for is not None:
+                waits.append(WARM_SHAPES_DELAY_S - idle)
             if idle < self.write_behind_delay_s:
                 waits.append(self.write_behind_delay_s - idle)
             else:
@@ -379,17 +392,24 @@ class Engine(BatchMode, WarmUpMode):
             log.exception("expiring caches failed")
 
     def _make_room(self) -> None:
-        """Room in the last turn's cache for the next turn's tokens, then the attention plans
-        of the next turn's likely shapes (``ModelRuntime.warm_shapes``), until work arrives."""
         key, self._room_for = self._room_for, None
+        self._warm_for = key
         try:
             if self.store.make_room(key, NEXT_TURN_ROOM):
                 self._refresh_snapshot()
+        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
+            log.exception("making room in a cache failed")
+
+    def _warm_shapes(self) -> None:
+        """The attention plans of the last turn's conversation's likely next shapes
+        (``ModelRuntime.warm_shapes``), until work arrives."""
+        key, self._warm_for = self._warm_for, None
+        try:
             cache = self.store.resident(key)
             if cache is not None:
                 self.runtime.warm_shapes(cache, stop=lambda: not self._queue.empty())
         except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
-            log.exception("making room in a cache failed")
+            log.exception("planning the next turn's shapes failed")
 
     def _write_behind(self) -> bool:
         """Write one cache behind to the disk tier; False when there was nothing to write."""

@@ -141,9 +141,9 @@ class ModelRuntime:
         self.fixed_shapes = self.backend == "cuda"
         self._last_span = None  # the last blocked pass's length, the likeliest next one
         self._planned: set[tuple[int, int, int]] = set()  # (start, length, allocation) warmed
-        # blocked: cached turns' passes in blocks; planned: warm-up passes; warmed: blocked
-        # passes whose shape a warm-up had planned; warm_ups: warm_shapes calls that ran.
-        self.shape_stats = {"blocked": 0, "planned": 0, "warmed": 0, "warm_ups": 0}
+        # blocked: cached turns' passes in blocks (of a planned shape); planned: warm-up
+        # passes; warm_ups: warm_shapes calls that ran.
+        self.shape_stats = {"blocked": 0, "planned": 0, "warm_ups": 0}
 
     def _current_fingerprint(self) -> str:
         fingerprint = _fingerprint(self.model_dir) + (f"-kv{self.kv_bits}" if self.kv_bits else "")
@@ -357,16 +357,18 @@ class ModelRuntime:
         return ran
 
     def _blocked_logits(self, tokens: list[int], cache: list):
-        """The last token's logits from a blocked pass (fixed_shapes.py), or None where it
-        does not apply."""
+        """The last token's logits from a blocked pass (fixed_shapes.py) whose shape an idle
+        warm-up planned, or None: a pass of an unplanned shape runs plainly (blocks would only
+        add their padding to its plan's cost)."""
         if not self.fixed_shapes or self.kv_bits or not tokens or not fixed_shapes.applies(cache):
             return None
         blocked = fixed_shapes.span(cache[0].offset, len(tokens))
         if blocked is None:
             return None
         self._last_span = blocked[1]
+        if (*blocked, fixed_shapes.allocated(cache)) not in self._planned:
+            return None
         self.shape_stats["blocked"] += 1
-        self.shape_stats["warmed"] += (*blocked, fixed_shapes.allocated(cache)) in self._planned
         return fixed_shapes.forward(self.model, tokens, cache)
 
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
