@@ -2,9 +2,9 @@
 
 Each decode step advances every row by one token in one forward pass; a row whose prompt is
 still being prefilled advances by one prefill chunk per step, after the decode, so that rows
-already streaming wait at most one chunk between two tokens (on the CPU one newcomer
-prefills at a time: a pass there costs what its tokens cost, and several newcomers' chunks in
-one step would multiply the gap). A row enters with the cache the store leased it (any tier)
+already streaming wait at most one chunk between two tokens (on the CPU newcomers prefill
+together only while their chunks add up to one chunk: a pass there costs what its tokens cost,
+and several newcomers' full chunks in one step would multiply the gap). A row enters with the cache the store leased it (any tier)
 and the tokens that cache does not hold yet; it leaves on end of turn or at its token limit
 (``step`` hands its cache back), or when the engine takes it out (a stop string, a cancel:
 ``remove``). The cache that leaves is an ordinary per-conversation KV cache holding exactly
@@ -71,9 +71,28 @@ class _Generator(BatchGenerator):
     ``_generation_batch``).
     """
 
+    # On the CPU (set by Batch): newcomers join the prompt batch together only while one
+    # step's prefill pass (rows x the longest row's chunk, as the rows are padded to it) stays
+    # within this many tokens; None: mlx-lm's fixed prefill_batch_size.
+    prefill_budget: int | None = None
+
     def _next(self):
         self._start_decoding()
+        if self.prefill_budget is not None:
+            self.prefill_batch_size = self._prefill_rows()
         return super()._next()
+
+    def _prefill_rows(self) -> int:
+        """How many rows the prompt batch may hold this step under ``prefill_budget``: those
+        it holds, then newcomers in order while they fit; at least one."""
+        chunk = lambda segments: min(sum(map(len, segments)), self.prefill_step_size)  # noqa: E731
+        lengths = [chunk(seq[0]) for seq in self._currently_processing]
+        for seq in self._unprocessed_sequences:
+            more = lengths + [chunk(seq[1])]
+            if len(more) * max(more) > self.prefill_budget:
+                break
+            lengths = more
+        return max(1, len(lengths))
 
     def _start_decoding(self) -> None:
         # Rows not in the prompt batch yet: straight to the decode batch, without joining (and
@@ -99,16 +118,17 @@ class Batch:
     """The rows decoding together (engine thread only), and the memory their padding takes."""
 
     def __init__(self, runtime: ModelRuntime, store: CacheStore, max_rows: int):
-        # On the CPU one newcomer prefills at a time; on a GPU mlx-lm's default (several
-        # newcomers' chunks in one pass cost little more than one).
-        prefill = {"prefill_batch_size": 1} if runtime.backend == "cpu" else {}
+        # On a GPU mlx-lm's default: several newcomers' chunks in one pass cost little more
+        # than one. On the CPU a pass costs what its tokens cost: newcomers prefill together
+        # only while their chunks add up to one chunk (short prompts of cached conversations).
         self._gen = _Generator(
             runtime.model,
             stop_tokens=[[t] for t in sorted(runtime.eos_token_ids)],
             completion_batch_size=max_rows,
             prefill_step_size=runtime.prefill_step,
-            **prefill,
         )
+        if runtime.backend == "cpu":
+            self._gen.prefill_budget = runtime.prefill_step
         self._runtime = runtime
         self._store = store
         self._rows: dict[int, RunningTurn] = {}
@@ -121,7 +141,10 @@ class Batch:
         # caches are plain KVCache layers (can_batch) whose allocations are not whole steps.
         self._step_bytes = runtime.kv_nbytes(KVCache.step)
         # Tokens a row's batch cache may hold beyond the longest row (see _padding_for).
-        self._slack = KVCache.step + (runtime.prefill_step if self._gen.prefill_batch_size > 1 else 0)
+        # Newcomers prefilling together are padded to the longest: on the CPU at most half a
+        # chunk each (two rows of up to half a chunk; more rows, shorter ones).
+        together = runtime.prefill_step // 2 if self._gen.prefill_budget else runtime.prefill_step
+        self._slack = KVCache.step + together
 
     def __len__(self) -> int:
         return len(self._rows)
