@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +51,31 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"condition not reached within {timeout} s")
+
+
+@contextlib.contextmanager
+def served_in_process(runtime, max_bytes: int = 2 << 30):
+    """The daemon's pieces built in this process around ``runtime`` (a store, an engine, the
+    gRPC server on a fresh Unix socket), so that a test can count their work; yields
+    ``(store, socket_path)``."""
+    from mlxkvd.conversations import ConversationRegistry
+    from mlxkvd.engine import Engine
+    from mlxkvd.kvcache import MlxCacheOps
+    from mlxkvd.server import create_server
+    from mlxkvd.store import CacheStore
+    from test_engine_batch import host_for
+
+    store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=max_bytes)
+    engine = Engine(runtime, store, ConversationRegistry())
+    engine.start()
+    socket_path = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "s.sock"
+    server, _, _ = create_server(engine, host_for(engine), socket_path)
+    server.start()
+    try:
+        yield store, socket_path
+    finally:
+        engine.stop()
+        server.stop(grace=1).wait()
 
 
 def tier(status, name: str):

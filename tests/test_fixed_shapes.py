@@ -9,13 +9,10 @@ among those planned.
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
-
 import mlx.core as mx
 import pytest
 
+from conftest import served_in_process, wait_for
 from mlxkv import Client
 from mlxkvd import fixed_shapes
 from mlxkvd.fixed_shapes import BLOCK, MAX_BLOCKS
@@ -103,33 +100,10 @@ def test_a_warm_up_changes_nothing_and_stops_when_asked(runtime):
         assert mx.array_equal(keys, c.keys).item() and mx.array_equal(values, c.values).item()
 
 
-def wait_for(condition, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @pytest.fixture(scope="module")
 def daemon(runtime):
-    from mlxkvd.conversations import ConversationRegistry
-    from mlxkvd.engine import Engine
-    from mlxkvd.kvcache import MlxCacheOps
-    from mlxkvd.server import create_server
-    from mlxkvd.store import CacheStore
-    from test_engine_batch import host_for
-
-    store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=2 << 30)
-    engine = Engine(runtime, store, ConversationRegistry())
-    engine.start()
-    socket_path = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "s.sock"
-    server, _, _ = create_server(engine, host_for(engine), socket_path)
-    server.start()
-    yield socket_path
-    engine.stop()
-    server.stop(grace=1).wait()
+    with served_in_process(runtime) as (_, socket_path):
+        yield socket_path
 
 
 def test_cached_turns_in_blocks_equal_the_reference_and_find_their_shape_planned(daemon, runtime, reference):
@@ -157,5 +131,5 @@ def test_cached_turns_in_blocks_equal_the_reference_and_find_their_shape_planned
                 assert stats["blocked"] - before["blocked"] == planned, (n, new, stats)
             held = turn.prompt_tokens + turn.completion_tokens
             # Idle after the turn, the engine plans the next turn's likely shapes.
-            assert wait_for(lambda: stats["warm_ups"] > before["warm_ups"]), n
+            wait_for(lambda: stats["warm_ups"] > before["warm_ups"], interval=0.01)
     assert stats["blocked"] == len(sizes) - 2  # all but the first turn and the 1200-word one

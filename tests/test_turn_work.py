@@ -10,12 +10,10 @@ one left in the cache (the reply re-renders into the ids that were generated).
 
 from __future__ import annotations
 
-import tempfile
-import time
-from pathlib import Path
 
 import pytest
 
+from conftest import served_in_process, wait_for
 from mlxkv import Client
 from mlxkvd.engine import NEXT_TURN_ROOM
 from mlxkvd.kvcache import MlxCacheOps
@@ -30,36 +28,13 @@ def has_room(store, key, tokens):
     return MlxCacheOps().nbytes_with_room(where[1].cache, tokens) == where[1].nbytes
 
 
-def wait_for(condition, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
-
 @pytest.fixture(scope="module")
 def in_process(model_dir):
-    from mlxkvd.conversations import ConversationRegistry
-    from mlxkvd.engine import Engine
-    from mlxkvd.kvcache import MlxCacheOps
     from mlxkvd.runtime import ModelRuntime
-    from mlxkvd.server import create_server
-    from mlxkvd.store import CacheStore
 
     runtime = ModelRuntime(model_dir)
-    store = CacheStore(MlxCacheOps(), fingerprint=runtime.fingerprint, max_bytes=2 << 30)
-    engine = Engine(runtime, store, ConversationRegistry())
-    engine.start()
-    socket_path = Path(tempfile.mkdtemp(prefix="mlxkv-")) / "w.sock"
-    from test_engine_batch import host_for
-
-    server, _, _ = create_server(engine, host_for(engine), socket_path)
-    server.start()
-    yield runtime, store, socket_path
-    engine.stop()
-    server.stop(grace=1).wait()
+    with served_in_process(runtime) as (store, socket_path):
+        yield runtime, store, socket_path
 
 
 def test_a_fifty_turn_conversation_costs_each_turn_what_it_adds(in_process, reference):
@@ -97,7 +72,7 @@ def test_a_fifty_turn_conversation_costs_each_turn_what_it_adds(in_process, refe
                 held = turn.prompt_tokens + turn.completion_tokens
                 # Idle after the turn, the engine gives its cache room for the next one, so
                 # that the next prefill writes in place instead of copying the history.
-                assert wait_for(lambda: has_room(store, "work", NEXT_TURN_ROOM)), n
+                wait_for(lambda: has_room(store, "work", NEXT_TURN_ROOM), timeout=10, interval=0.01)
     finally:
         store._entries.longest = longest
     # Only the first turn, which has no entry of its own yet, searched the others.
