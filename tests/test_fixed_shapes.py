@@ -16,6 +16,7 @@ from conftest import served_in_process, wait_for
 from mlxkv import Client
 from mlxkvd import fixed_shapes
 from mlxkvd.fixed_shapes import BLOCK, MAX_BLOCKS
+from mlxkvd.kvcache import MlxCacheOps
 
 
 def test_a_span_covers_whole_blocks_from_the_offset_to_the_last_token():
@@ -84,7 +85,7 @@ def test_a_blocked_pass_equals_a_plain_one_and_leaves_the_same_cache(runtime):
 
 def test_a_warm_up_changes_nothing_and_stops_when_asked(runtime):
     cache = _prefilled(runtime, [(i * 37) % 4000 + 100 for i in range(700)])
-    fixed_shapes._grow(cache, 700 + MAX_BLOCKS * BLOCK)
+    MlxCacheOps().make_room(cache, MAX_BLOCKS * BLOCK)  # as the idle engine does
     before = _snapshot(cache)
     spans = fixed_shapes.likely_spans(700, fixed_shapes.allocated(cache))
     assert len(spans) == MAX_BLOCKS

@@ -4,11 +4,11 @@ Each decode step advances every row by one token in one forward pass; a row whos
 still being prefilled advances by one prefill chunk per step, after the decode, so that rows
 already streaming wait at most one chunk between two tokens (on the CPU newcomers prefill
 together only while their chunks add up to one chunk: a pass there costs what its tokens cost,
-and several newcomers' full chunks in one step would multiply the gap). A row enters with the cache the store leased it (any tier)
-and the tokens that cache does not hold yet; it leaves on end of turn or at its token limit
-(``step`` hands its cache back), or when the engine takes it out (a stop string, a cancel:
-``remove``). The cache that leaves is an ordinary per-conversation KV cache holding exactly
-the row's tokens, as a serial turn leaves it.
+and several newcomers' full chunks in one step would multiply the gap). A row enters with the
+cache the store leased it (any tier) and the tokens that cache does not hold yet; it leaves on
+end of turn or at its token limit (``step`` hands its cache back), or when the engine takes it
+out (a stop string, a cancel: ``remove``). The cache that leaves is an ordinary
+per-conversation KV cache holding exactly the row's tokens, as a serial turn leaves it.
 
 The batch pads every row's cache to its longest row; ``Batch.admits`` and the batch's own
 reservation in the store count that padding against the memory budget.
@@ -85,7 +85,9 @@ class _Generator(BatchGenerator):
     def _prefill_rows(self) -> int:
         """How many rows the prompt batch may hold this step under ``prefill_budget``: those
         it holds, then newcomers in order while they fit; at least one."""
-        chunk = lambda segments: min(sum(map(len, segments)), self.prefill_step_size)  # noqa: E731
+        def chunk(segments: list[list[int]]) -> int:  # what the row feeds this step
+            return min(sum(map(len, segments)), self.prefill_step_size)
+
         lengths = [chunk(seq[0]) for seq in self._currently_processing]
         for seq in self._unprocessed_sequences:
             more = lengths + [chunk(seq[1])]

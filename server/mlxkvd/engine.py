@@ -393,7 +393,7 @@ class Engine(BatchMode, WarmUpMode):
 
     def _make_room(self) -> None:
         key, self._room_for = self._room_for, None
-        self._warm_for = key
+        self._warm_for = key if self.runtime.fixed_shapes else None
         try:
             if self.store.make_room(key, NEXT_TURN_ROOM):
                 self._refresh_snapshot()

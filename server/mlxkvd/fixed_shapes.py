@@ -27,12 +27,13 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from .kvcache import MlxCacheOps
+
 BLOCK = 128
 MAX_BLOCKS = 8  # passes of more blocks run as they are (their plan is a smaller share of them)
 # How far back from a cache's end the next turn may start: where the next prompt re-tokenizes
 # the end of the reply differently (see the engine's tail re-prefill).
 TAIL = 16
-ALLOC_STEP = 256  # mlx-lm's KVCache step
 
 
 def span(offset: int, new: int) -> tuple[int, int] | None:
@@ -77,20 +78,6 @@ class _Blocked:
         return "causal"  # the last query is at the last key
 
 
-def _grow(cache: list, tokens: int) -> None:
-    """Reallocate every layer to hold ``tokens`` (in KVCache steps), keeping what it holds."""
-    size = -(-tokens // ALLOC_STEP) * ALLOC_STEP
-    for c in cache:
-        n = c.offset
-
-        def copy(x, n=n):
-            out = mx.zeros((*x.shape[:-2], size, x.shape[-1]), dtype=x.dtype)
-            out[..., :n, :] = x[..., :n, :]
-            return out
-
-        c.keys, c.values = copy(c.keys), copy(c.values)
-
-
 def forward(model, tokens: Sequence[int], cache: list) -> mx.array | None:
     """One blocked pass of ``tokens`` onto ``cache`` (which ``applies``): the logits of the last
     token, shape (1, vocab), lazy; None (nothing done) when the pass would be too long. The
@@ -100,8 +87,7 @@ def forward(model, tokens: Sequence[int], cache: list) -> mx.array | None:
     if blocked is None or n == 0:
         return None
     start, length = blocked
-    if allocated(cache) < start + length:
-        _grow(cache, start + length)
+    MlxCacheOps().make_room(cache, start + length - offset)  # no-op where the room was made
     before = offset - start
     ids = [tokens[0]] * before + list(tokens) + [tokens[-1]] * (length - before - n)
     views = [_Blocked(c, start, start + length, write=True) for c in cache]

@@ -340,10 +340,15 @@ class ModelRuntime:
         KVCache layers, not quantized)."""
         return not self.kv_bits and all(type(c) is KVCache for c in self.make_cache())
 
+    def _blocks_apply(self, cache: list) -> bool:
+        """Whether passes onto ``cache`` run in blocks (fixed_shapes.py): on, and a cache of
+        plain KVCache layers (a quantized one takes mlx-lm's own quantizing steps)."""
+        return self.fixed_shapes and not self.kv_bits and fixed_shapes.applies(cache)
+
     def warm_shapes(self, cache: list, stop: Callable[[], bool]) -> int:
         """Build the attention plans of the next turn's likely shapes onto ``cache`` (read, not
         changed), while ``stop()`` is false; see fixed_shapes.py. Returns the passes run."""
-        if not self.fixed_shapes or self.kv_bits or not fixed_shapes.applies(cache):
+        if not self._blocks_apply(cache):
             return 0
         allocation = fixed_shapes.allocated(cache)
         spans = fixed_shapes.likely_spans(cache[0].offset, allocation, self._last_span)
@@ -360,7 +365,7 @@ class ModelRuntime:
         """The last token's logits from a blocked pass (fixed_shapes.py) whose shape an idle
         warm-up planned, or None: a pass of an unplanned shape runs plainly (blocks would only
         add their padding to its plan's cost)."""
-        if not self.fixed_shapes or self.kv_bits or not tokens or not fixed_shapes.applies(cache):
+        if not tokens or not self._blocks_apply(cache):
             return None
         blocked = fixed_shapes.span(cache[0].offset, len(tokens))
         if blocked is None:
