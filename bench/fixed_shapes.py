@@ -9,6 +9,8 @@ to its logits:
   plain, first sight    mlx-lm's pass onto the cache, on a shape it has not seen (what every
                         MLX system pays per turn: on CUDA, cuDNN builds an attention plan);
   plain, second sight   the same pass again (the plan built): what the pass itself costs;
+  last head, second     the same pass with the output head for the last position only
+                        (``mlxkvd.heads.OnePosition``, as mlxkvd's passes run);
   fixed, warmed         ``mlxkvd.fixed_shapes.forward`` (the pass in whole blocks of positions)
                         after ``warm`` planned the next turn's likely shapes, as the idle
                         engine does (the cache given room for 1024 more tokens first);
@@ -48,7 +50,7 @@ def timed(fn):
     return time.perf_counter() - started, out
 
 
-def run_context(model, context: int, turns: int, rng: random.Random, vocab: int) -> dict:
+def run_context(model, head, context: int, turns: int, rng: random.Random, vocab: int) -> dict:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -82,17 +84,20 @@ def run_context(model, context: int, turns: int, rng: random.Random, vocab: int)
         back()
         row["plain_second_s"], _ = timed(plain)
         back()
+        row["last_head_second_s"], last_logits = timed(lambda: head.logits(mx.array([new], dtype=mx.uint32), cache))
+        back()
+        row["last_head_same_token"] = bool(mx.argmax(last_logits).item() == mx.argmax(plain_logits).item())
         # As the idle engine leaves it: room for the next turn, its likely shapes planned.
         ops.make_room(cache, fixed_shapes.MAX_BLOCKS * fixed_shapes.BLOCK)
         spans = fixed_shapes.likely_spans(offset, fixed_shapes.allocated(cache))
         started = time.perf_counter()
         row["warm_passes"] = fixed_shapes.warm(model, cache, spans, lambda: False)
         row["warm_s"] = time.perf_counter() - started
-        row["fixed_warmed_s"], fixed_logits = timed(lambda: fixed_shapes.forward(model, new, cache))
+        row["fixed_warmed_s"], fixed_logits = timed(lambda: fixed_shapes.forward(head, new, cache))
         back()
         # A larger allocation, which no plan was built for: the blocked pass builds its own.
         ops.make_room(cache, fixed_shapes.MAX_BLOCKS * fixed_shapes.BLOCK + 256 * (turn + 3))
-        row["fixed_cold_s"], _ = timed(lambda: fixed_shapes.forward(model, new, cache))
+        row["fixed_cold_s"], _ = timed(lambda: fixed_shapes.forward(head, new, cache))
         a, b = plain_logits.astype(mx.float32), fixed_logits.astype(mx.float32)
         row["same_greedy_token"] = bool(mx.argmax(a).item() == mx.argmax(b).item())
         row["max_abs_logit_diff"] = float(mx.max(mx.abs(a - b)).item())
@@ -107,24 +112,28 @@ def run_context(model, context: int, turns: int, rng: random.Random, vocab: int)
 
 def summary(rows: list[dict]) -> dict:
     med = {k: statistics.median(r[k] for r in rows) for k in
-           ("plain_first_s", "plain_second_s", "fixed_cold_s", "fixed_warmed_s", "warm_s")}
+           ("plain_first_s", "plain_second_s", "last_head_second_s", "fixed_cold_s", "fixed_warmed_s", "warm_s")}
     return {**med, "fixed_warmed_over_plain_first": med["fixed_warmed_s"] / med["plain_first_s"],
             "same_greedy_token": sum(r["same_greedy_token"] for r in rows), "turns": len(rows),
+            "last_head_same_token": sum(r["last_head_same_token"] for r in rows),
             "max_abs_logit_diff": max(r["max_abs_logit_diff"] for r in rows)}
 
 
 def markdown(report: dict) -> str:
     lines = [f"# Fixed attention shapes: one cached turn's pass ({report['meta'].get('device')})", "",
              "ms, median over the turns; 273-568 new tokens per turn.", "",
-             "| context | plain, first sight | plain, second sight | fixed, cold | fixed, warmed | "
-             "warmed / plain first | warm (all likely shapes) | same greedy token | max logit diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| context | plain, first sight | plain, second sight | last head, second | fixed, cold | "
+             "fixed, warmed | warmed / plain first | warm (all likely shapes) | same greedy token | "
+             "max logit diff | last head same token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for context, r in report["results"].items():
         s = r["summary"]
         lines.append(f"| {context} | {s['plain_first_s'] * 1e3:.1f} | {s['plain_second_s'] * 1e3:.1f} | "
+                     f"{s['last_head_second_s'] * 1e3:.1f} | "
                      f"{s['fixed_cold_s'] * 1e3:.1f} | {s['fixed_warmed_s'] * 1e3:.1f} | "
                      f"{s['fixed_warmed_over_plain_first']:.2f} | {s['warm_s'] * 1e3:.0f} | "
-                     f"{s['same_greedy_token']}/{s['turns']} | {s['max_abs_logit_diff']:.3g} |")
+                     f"{s['same_greedy_token']}/{s['turns']} | {s['max_abs_logit_diff']:.3g} | "
+                     f"{s['last_head_same_token']}/{s['turns']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +165,17 @@ def main(argv: list[str] | None = None) -> int:
         t, _ = timed(lambda n=n: model(mx.zeros((1, n), dtype=mx.uint32), cache=cache))
         say(f"  warm-up pass of {n}: {t:.2f} s")
     cache = None
+    from mlxkvd.heads import OnePosition
+
+    head = OnePosition(model, lambda: make_prompt_cache(model))
+    say(f"head for one position: {head.shortcut}")
     rng = random.Random(SEED)
     vocab = len(ref.tokenizer.vocab) if hasattr(ref.tokenizer, "vocab") else 32000
     report = {"meta": {**common.machine_info(), "device": str(mx.default_device()),
                        "git": common.git_state(), "model_shape": shape.__dict__}, "results": {}}
     for context in contexts:
         say(f"context {context}")
-        result = run_context(model, context, args.turns, rng, min(vocab, 40000))
+        result = run_context(model, head, context, args.turns, rng, min(vocab, 40000))
         result["summary"] = summary(result["turns"])
         report["results"][context] = result
         mx.clear_cache()

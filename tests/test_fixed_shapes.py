@@ -68,7 +68,7 @@ def test_a_blocked_pass_equals_a_plain_one_and_leaves_the_same_cache(runtime):
     plain = _prefilled(runtime, history)
     blocked = _prefilled(runtime, history)
     plain_logits = runtime.model(mx.array([new], dtype=mx.uint32), cache=plain)[:, -1, :]
-    blocked_logits = fixed_shapes.forward(runtime.model, new, blocked)
+    blocked_logits = fixed_shapes.forward(runtime.head, new, blocked)
     assert blocked_logits is not None
     # Equal up to the floating-point order of matrices of another length (float32 here: the
     # logits differ by ~3e-5 of ~20), and the same greedy token.

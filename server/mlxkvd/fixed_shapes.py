@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import mlx.core as mx
 from mlx_lm.models.cache import KVCache
 
+from .heads import OnePosition
 from .kvcache import MlxCacheOps
 
 BLOCK = 128
@@ -78,10 +79,10 @@ class _Blocked:
         return "causal"  # the last query is at the last key
 
 
-def forward(model, tokens: Sequence[int], cache: list) -> mx.array | None:
-    """One blocked pass of ``tokens`` onto ``cache`` (which ``applies``): the logits of the last
-    token, shape (1, vocab), lazy; None (nothing done) when the pass would be too long. The
-    cache ends holding the tokens."""
+def forward(head: OnePosition, tokens: Sequence[int], cache: list) -> mx.array | None:
+    """One blocked pass of ``tokens`` onto ``cache`` (which ``applies``) through ``head``'s
+    model: the logits of the last token, shape (1, vocab), lazy; None (nothing done) when the
+    pass would be too long. The cache ends holding the tokens."""
     offset, n = cache[0].offset, len(tokens)
     blocked = span(offset, n)
     if blocked is None or n == 0:
@@ -91,7 +92,7 @@ def forward(model, tokens: Sequence[int], cache: list) -> mx.array | None:
     before = offset - start
     ids = [tokens[0]] * before + list(tokens) + [tokens[-1]] * (length - before - n)
     views = [_Blocked(c, start, start + length, write=True) for c in cache]
-    logits = model(mx.array([ids], dtype=mx.uint32), cache=views)[:, before + n - 1, :]
+    logits = head.logits(mx.array([ids], dtype=mx.uint32), views, before + n - 1)
     for c in cache:
         c.offset = offset + n
     return logits

@@ -27,6 +27,7 @@ from mlx_lm.utils import dequantize_model
 
 from . import fixed_shapes
 from .errors import ModelChangedError, ModelLoadError
+from .heads import OnePosition
 from .prompt import PromptRenderer
 from .reply import ToolFormat
 
@@ -170,6 +171,8 @@ class ModelRuntime:
             mx.clear_cache()
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
         self.model = model
+        # A cached turn's one pass on a GPU: the head for its last position only (heads.py).
+        self.head = OnePosition(model, self.make_cache)
         self._resident = True
         log.info(
             "model %s loaded in %.1f s: backend %s, fingerprint %s",
@@ -190,7 +193,7 @@ class ModelRuntime:
         The tokenizer stays: it is small, and the status and conversation RPCs use it."""
         if self.model is None:
             return
-        self.model = None
+        self.model = self.head = None
         gc.collect()
         mx.clear_cache()
         _return_free_memory()
@@ -294,8 +297,9 @@ class ModelRuntime:
         (as mlx-lm's ``generate_step`` does). On the CPU: all but the last new token, then the
         last one, built lazily, so the output head runs for the last position only (for a
         few hundred positions it would cost more than the layers) and the passes are the
-        reference's. On a GPU, where the head is cheap and every pass pays a launch per layer
-        and a new attention shape: one pass over all of them. Later tokens come from
+        reference's. On a GPU, where every pass pays a launch per layer and a new attention
+        shape: one pass over all of them, the head for the last one only (heads.py). Later
+        tokens come from
         ``generate_step``. The cache holds the prompt plus every token yielded so far, however
         the caller stops; a caller that stops at the first token must close the generator
         (``contextlib.closing``), which feeds it then, as the end of a one-token reply does.
@@ -374,7 +378,7 @@ class ModelRuntime:
         if (*blocked, fixed_shapes.allocated(cache)) not in self._planned:
             return None
         self.shape_stats["blocked"] += 1
-        return fixed_shapes.forward(self.model, tokens, cache)
+        return fixed_shapes.forward(self.head, tokens, cache)
 
     def _sample_next(self, tokens: Sequence[int], cache: list, sampler) -> int:
         """One forward pass of ``tokens`` onto ``cache``; the next token sampled from its last
@@ -392,13 +396,14 @@ class ModelRuntime:
                 if self.kv_bits:
                     maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
                 tokens = tokens[-1:]
-            logits = self.model(mx.array([tokens], dtype=mx.uint32), cache=cache)
+            inputs = mx.array([tokens], dtype=mx.uint32)
+            # Without a sampler the logits are never evaluated: the head does not run.
+            logits = self.head.logits(inputs, cache) if sampler is not None else self.model(inputs, cache=cache)
             if self.kv_bits:
                 maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
             if sampler is None:
                 mx.eval([c.state for c in cache])
                 return -1
-            logits = logits[:, -1, :]
             token = sampler(logits - mx.logsumexp(logits, keepdims=True))
             mx.eval(token, [c.state for c in cache])
         return int(token.item())
