@@ -15,7 +15,7 @@ import pytest
 
 from conftest import served_in_process, wait_for
 from mlxkv import Client
-from mlxkvd.engine import NEXT_TURN_ROOM
+from mlxkvd.idle import NEXT_TURN_ROOM
 from mlxkvd.kvcache import MlxCacheOps
 
 TURNS = 50

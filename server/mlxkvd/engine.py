@@ -5,14 +5,8 @@ its event queue; they never touch the model or the caches. Each turn checks out 
 cached prefix of its prompt from the store, prefills the rest, streams tokens, and checks the
 cache back in. A turn whose client went away stops within one prefill chunk or one decode step.
 
-Idle time is used in stages: right after a turn, its conversation's cache gets room for the
-next turn's tokens (``store.make_room``) and, on backends that plan attention per shape, after
-``WARM_SHAPES_DELAY_S`` the next turn's likely shapes are planned (``ModelRuntime.warm_shapes``);
-once nothing has been queued for ``write_behind_delay_s``,
-caches not yet on disk are written behind, one per look at the queue, so a client that sends
-its next turn right away never waits for a write; caches unused for ``cache_ttl_s`` are
-forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
-caches leave memory, and the next turn loads them.
+Idle time is used in stages (``idle.IdleStages``): room for the next turn, its shapes
+planned, caches written behind, expired, the weights unloaded.
 
 Nothing submitted is ever left waiting: a turn or task that arrives while the engine stops,
 or after its thread died, fails with ``ShuttingDownError``.
@@ -35,6 +29,7 @@ from .drafting import DraftModel
 from .batch import BatchMode
 from .conversations import ConversationRegistry
 from .events import Failed, Turn
+from .idle import DEFAULT_WRITE_BEHIND_DELAY_S, IdleStages
 from .running import Counters, RunningTurn
 from .errors import ShuttingDownError, TurnCancelledError
 from .kvcache import MlxCacheOps
@@ -44,20 +39,8 @@ from .warmup import WarmUpMode
 
 log = logging.getLogger(__name__)
 
-# How long the engine waits, idle, before writing caches behind to disk. Long enough for a
-# script's or a benchmark's next turn, short against a person reading a reply.
-DEFAULT_WRITE_BEHIND_DELAY_S = 1.0
-# Room made, once a turn is over, in its conversation's cache for what the next turn adds (a
-# user message, the re-rendered end of the reply; a tool result may need more).
-NEXT_TURN_ROOM = 1024
-# How long the engine waits, idle after a turn, before it plans the next turn's likely shapes:
-# a request sent right after a turn (an agent's) must not wait for a warm-up pass.
-WARM_SHAPES_DELAY_S = 0.2
 # Turns decoded together at most (1: one at a time).
 DEFAULT_MAX_BATCH = 8
-# How often an idle engine looks for caches past their TTL.
-TTL_CHECK_S = 1.0
-_EMPTY = object()
 
 
 @dataclass
@@ -70,10 +53,10 @@ class _Task:
     exclusive: bool = False
 
 
-class Engine(BatchMode, WarmUpMode):
+class Engine(BatchMode, WarmUpMode, IdleStages):
     """Owns the model runtime and the cache store; runs a lone turn serially, concurrent
     turns as rows of a batch (batch mode: ``batch.BatchMode``), warm-ups below turns
-    (``warmup.WarmUpMode``)."""
+    (``warmup.WarmUpMode``), idle duties between them (``idle.IdleStages``)."""
 
     def __init__(
         self,
@@ -327,113 +310,6 @@ class Engine(BatchMode, WarmUpMode):
                     item.events.put(Failed(error))
                 elif isinstance(item, _Task) and item.future is not None:
                     item.future.set_exception(error)
-
-    def _next_item(self) -> "Turn | _Task | None":
-        """The next queued item; while there is none, the idle stages (see the module doc).
-        The delays count from the end of the last turn, not of the last task: a task must not
-        keep postponing them."""
-        while True:
-            if self._exclusive:  # set aside by batch mode until the batch emptied
-                return self._exclusive.popleft()
-            if self._deferred:  # queued work first, else the oldest warm-up set aside
-                item = self._wait(0)
-                return item if item is not _EMPTY else self._deferred.popleft()
-            if self._room_for is not None:
-                item = self._wait(0)
-                if item is not _EMPTY:
-                    return item
-                self._make_room()
-            now = time.monotonic()
-            idle = now - self._last_turn_at
-            if self._warm_for is not None and idle >= WARM_SHAPES_DELAY_S:
-                item = self._wait(0)
-                if item is not _EMPTY:
-                    return item
-                self._warm_shapes()
-                continue
-            if self.cache_ttl_s > 0 and now - self._last_expiry_at >= TTL_CHECK_S:
-                self._last_expiry_at = now
-                self._expire()
-            # How long to wait for work before the next idle duty is due (None: forever).
-            waits = [TTL_CHECK_S] if self.cache_ttl_s > 0 else []
-            if self._warm_for is not None:
-                waits.append(WARM_SHAPES_DELAY_S - idle)
-            if idle < self.write_behind_delay_s:
-                waits.append(self.write_behind_delay_s - idle)
-            else:
-                item = self._wait(0)
-                if item is not _EMPTY:
-                    return item
-                if self._write_behind():
-                    continue
-                if self.idle_unload_s > 0 and self.runtime.loaded:
-                    if idle >= self.idle_unload_s:
-                        self._unload(f"idle for {self.idle_unload_s:.0f} s")
-                        continue
-                    waits.append(self.idle_unload_s - idle)
-            item = self._wait(min(waits) if waits else None)
-            if item is not _EMPTY:
-                return item
-
-    def _wait(self, timeout_s: float | None) -> Any:
-        """The next queued item within ``timeout_s`` (None: however long), else ``_EMPTY``."""
-        try:
-            if timeout_s is not None and timeout_s <= 0:
-                return self._queue.get_nowait()
-            return self._queue.get(timeout=timeout_s)
-        except queue.Empty:
-            return _EMPTY
-
-    def _expire(self) -> None:
-        try:
-            if self.store.expire():
-                self._refresh_snapshot()
-        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
-            log.exception("expiring caches failed")
-
-    def _make_room(self) -> None:
-        key, self._room_for = self._room_for, None
-        self._warm_for = key if self.runtime.fixed_shapes else None
-        try:
-            if self.store.make_room(key, NEXT_TURN_ROOM):
-                self._refresh_snapshot()
-        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
-            log.exception("making room in a cache failed")
-
-    def _warm_shapes(self) -> None:
-        """The attention plans of the last turn's conversation's likely next shapes
-        (``ModelRuntime.warm_shapes``), until work arrives."""
-        key, self._warm_for = self._warm_for, None
-        try:
-            cache = self.store.resident(key)
-            if cache is not None:
-                self.runtime.warm_shapes(cache, stop=lambda: not self._queue.empty())
-        except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
-            log.exception("planning the next turn's shapes failed")
-
-    def _write_behind(self) -> bool:
-        """Write one cache behind to the disk tier; False when there was nothing to write."""
-        try:
-            wrote = self.store.persist_next()
-        except Exception:  # noqa: BLE001 - the disk tier must never stop the engine
-            log.exception("writing a cache to the disk tier failed")
-            return False
-        if wrote:
-            self._refresh_snapshot()
-        return wrote
-
-    def _unload(self, why: str) -> int:
-        try:
-            moved = self.store.spill()
-        except Exception:  # noqa: BLE001 - unloading must not stop the engine
-            log.exception("moving caches to the disk tier before unloading failed")
-            moved = 0
-        self._refresh_snapshot()  # the caches' new places, before the status says "not loaded"
-        self.runtime.unload()
-        if self.draft is not None:
-            self.draft.unload()
-        log.info("%s: model %s unloaded, %d caches moved to disk", why, self.runtime.name, moved)
-        return moved
 
     def _switch(self, load: Callable[[], ModelRuntime]) -> int:
         while self._deferred:  # their prompts are the old tokenizer's
