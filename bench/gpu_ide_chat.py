@@ -101,6 +101,8 @@ def run_mlxkvd(args, model_dir: Path, workloads: dict, ref: common.InProcess, wo
     from mlxkv import Client
 
     extra = ["--max-cache-bytes", str(cache_bytes)] if cache_bytes else []
+    if args.debug_log:
+        extra += ["--log-level", "DEBUG"]
     daemon = common.DaemonProcess(common.short_socket_dir() / "gpu.sock", workdir / "mlxkvd-cache",
                                   workdir / "mlxkvd.log", model=model_dir, extra_args=extra)
     results: dict = {}
@@ -335,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--think-s", type=float, default=0.75,
                         help="idle seconds before each cached turn, as a user reads and types (0: back to back)")
     parser.add_argument("--no-server", action="store_true", help="skip mlx_lm.server")
+    parser.add_argument("--debug-log", action="store_true",
+                        help="mlxkvd logs at DEBUG (its log is copied to --out): idle duties' timings")
     parser.add_argument("--model-dir", type=Path, help="where to build the model (default: under the temp dir)")
     parser.add_argument("--mlxkvd-max-cache-bytes", default="auto",
                         help="'auto': twice the largest conversation's KV cache (at least mlxkvd's default "

@@ -113,9 +113,12 @@ class IdleStages:
     def _make_room(self) -> None:
         key, self._room_for = self._room_for, None
         self._warm_for = key if self.runtime.fixed_shapes else None
+        started = time.perf_counter()
         try:
             if self.store.make_room(key, NEXT_TURN_ROOM):
                 self._refresh_snapshot()
+                log.debug("room for %d more tokens made in the cache of conversation %r in %.1f ms", NEXT_TURN_ROOM, key,
+                          (time.perf_counter() - started) * 1e3)
         except Exception:  # noqa: BLE001 - an idle duty must never stop the engine
             log.exception("making room in a cache failed")
 
