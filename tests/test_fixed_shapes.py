@@ -113,7 +113,7 @@ def test_cached_turns_in_blocks_equal_the_reference_and_find_their_shape_planned
     one left, and each blocked pass's shape was among those the idle engine planned."""
     stats = runtime.shape_stats
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
-    sizes = [40, 200, 5, 1200, 90, 330]
+    sizes = [40, 200, 5, 600, 90, 330]
     with Client(daemon, timeout=300) as client:
         chat = client.conversation("blocks", system="You answer in one short sentence.")
         held = 0
@@ -133,4 +133,4 @@ def test_cached_turns_in_blocks_equal_the_reference_and_find_their_shape_planned
             held = turn.prompt_tokens + turn.completion_tokens
             # Idle after the turn, the engine plans the next turn's likely shapes.
             wait_for(lambda: stats["warm_ups"] > before["warm_ups"], interval=0.01)
-    assert stats["blocked"] == len(sizes) - 2  # all but the first turn and the 1200-word one
+    assert stats["blocked"] == len(sizes) - 2  # all but the first turn and the 600-word one (two chunks)
