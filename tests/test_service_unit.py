@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -388,8 +389,17 @@ def test_install_refuses_a_socket_path_over_the_limit(tmp_path):
     assert "Choose a shorter --socket path" in proc.stderr
 
 
-def test_install_and_uninstall_without_systemctl_write_the_unit_and_fail_clearly(tmp_path):
-    home = tmp_path / "home"
+@pytest.fixture
+def short_home():
+    """A home directory with a short path: the default socket's path lives under it, and a
+    deep temporary directory (pytest-xdist's) would make that path too long to bind."""
+    home = Path(tempfile.mkdtemp(prefix="mlxkv-home-"))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def test_install_and_uninstall_without_systemctl_write_the_unit_and_fail_clearly(tmp_path, short_home):
+    home = short_home
     bare = tmp_path / "bin"  # a PATH with no systemctl on it
     bare.mkdir()
     env = isolated_env(home, PATH=str(bare))
