@@ -14,6 +14,7 @@ service manager restarts it.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -182,6 +183,11 @@ class Daemon:
         self.claim.publish()  # the socket appears at socket_path now, the one release() may remove
         if listen is not None:
             self._start_http(*listen)
+        # What startup built (the model, the tokenizer, the modules: ~90K objects) lives as long
+        # as the daemon: out of the cyclic collector's way, so that a full collection during a
+        # turn scans only what turns made (tens of ms less; vLLM freezes after loading too).
+        gc.collect()
+        gc.freeze()
         log.info("serving %s on unix://%s (pid %d)", runtime.name, self.socket_path, os.getpid())
         # Under systemd (Type=notify), `systemctl start` returns now. Same PID as ExecStart
         # started: the BLAS re-exec keeps it, so NotifyAccess=main accepts the message.
