@@ -80,3 +80,13 @@ def test_a_model_without_mlx_lms_layout_is_called_as_it_is():
     assert not head.shortcut
     inputs = _inputs(5)
     assert mx.array_equal(head.logits(inputs, []), model(inputs)[:, -1, :]).item()
+
+
+def test_without_the_shortcut_the_model_is_called_as_it_is():
+    model = _llama(tied=True)
+    probes = []
+    head = OnePosition(model, lambda: probes.append(1) or make_prompt_cache(model), shortcut=False)
+    assert not head.shortcut and not probes  # no start-up check
+    inputs = _inputs(12)
+    assert mx.array_equal(head.logits(inputs, make_prompt_cache(model)),
+                          model(inputs, cache=make_prompt_cache(model))[:, -1, :]).item()

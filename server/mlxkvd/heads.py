@@ -35,9 +35,12 @@ class OnePosition:
     """``logits(inputs, cache, position)``: the logits at ``position`` of a pass of ``inputs``
     (shape (1, n)) onto ``cache``, shape (1, vocabulary), lazy."""
 
-    def __init__(self, model: Any, make_cache: Callable[[], list]):
+    def __init__(self, model: Any, make_cache: Callable[[], list], *, shortcut: bool = True):
+        """``shortcut`` False: the model is called as it is, unchecked (where the caller's
+        passes that need logits feed one token, the check would cost a start-up pass for
+        nothing)."""
         self._model = model
-        self._parts = _parts(model)
+        self._parts = _parts(model) if shortcut else None
         if self._parts is not None:
             why = self._disagreement(make_cache)
             if why:

@@ -172,7 +172,8 @@ class ModelRuntime:
             raise ModelLoadError(f"cannot load model from {self.model_dir}: {exc}") from exc
         self.model = model
         # A cached turn's one pass on a GPU: the head for its last position only (heads.py).
-        self.head = OnePosition(model, self.make_cache)
+        # On the CPU the passes that sample feed one token (see generate): nothing to save.
+        self.head = OnePosition(model, self.make_cache, shortcut=self.backend != "cpu")
         self._resident = True
         log.info(
             "model %s loaded in %.1f s: backend %s, fingerprint %s",
