@@ -18,7 +18,11 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import _Task
+    from .events import Turn
 
 # The engine's lines.
 log = logging.getLogger("mlxkvd.engine")
@@ -47,7 +51,7 @@ class IdleStages:
     _last_turn_at: float
     _last_expiry_at: float
 
-    def _next_item(self) -> Any:
+    def _next_item(self) -> "Turn | _Task | None":
         """The next queued item; while there is none, the idle stages (see the module doc).
         The delays count from the end of the last turn, not of the last task: a task must not
         keep postponing them."""
