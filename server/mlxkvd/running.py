@@ -129,6 +129,7 @@ class RunningTurn:
         """One generated token (the cache holds it or will); True when the reply is over."""
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
+            log.debug("first token %.1f ms after the lease", (self.first_token_at - self.leased_at) * 1e3)
         self.generated.append(token)
         self.turn.generated = len(self.generated)
         if token in self._eos:

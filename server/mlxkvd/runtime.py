@@ -397,6 +397,7 @@ class ModelRuntime:
                 if self.kv_bits:
                     maybe_quantize_kv_cache(cache, 0, KV_GROUP_SIZE, self.kv_bits)
                 tokens = tokens[-1:]
+            started = time.perf_counter()
             inputs = mx.array([tokens], dtype=mx.uint32)
             # Without a sampler the logits are never evaluated: the head does not run.
             logits = self.head.logits(inputs, cache) if sampler is not None else self.model(inputs, cache=cache)
@@ -406,7 +407,11 @@ class ModelRuntime:
                 mx.eval([c.state for c in cache])
                 return -1
             token = sampler(logits - mx.logsumexp(logits, keepdims=True))
+            built = time.perf_counter()
             mx.eval(token, [c.state for c in cache])
+            if len(tokens) > 1 and log.isEnabledFor(logging.DEBUG):
+                log.debug("a pass of %d tokens onto %d: built in %.1f ms, evaluated in %.1f ms", len(tokens),
+                          cache[0].offset - len(tokens), (built - started) * 1e3, (time.perf_counter() - built) * 1e3)
         return int(token.item())
 
     def describe(self) -> dict[str, Any]:
