@@ -113,3 +113,17 @@ def test_turn_overhead_quick(tmp_path):
                 assert math.isfinite(turn["overhead_ms"][system])
     assert isinstance(report["verdict"]["met"], bool)
     assert (tmp_path / "turn_overhead.md").read_text().startswith("# mlxkv per-turn overhead")
+
+
+def test_write_behind_quick(tmp_path):
+    proc = _run("bench.write_behind", tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads((tmp_path / "write_behind.json").read_text())
+    assert [r["tokens"] for r in report["rows"]] == [500, 2000]
+    for row in report["rows"]:
+        assert row["file_bytes"] > 0
+        for key in ("at_once_held_s", "background_held_s", "background_in_place_s"):
+            assert _positive(row[key]), (key, row)
+        # The file is in place only after the call that started it returned.
+        assert row["background_in_place_s"] >= row["background_held_s"]
+    assert (tmp_path / "write_behind.md").read_text().startswith("# Write-behind")

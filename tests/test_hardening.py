@@ -181,6 +181,8 @@ class _Store:
     def persist_next(self):
         return False
 
+    writing = False
+
 
 def _engine(**kwargs):
     from mlxkvd.engine import Engine

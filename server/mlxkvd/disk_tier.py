@@ -1,7 +1,10 @@
 """The cache store's disk tier: one file per key in a directory, bounded by bytes in LRU order.
 
-Pure bookkeeping over files, like the store it serves (``store.CacheStore``): no threads, no
-model, every cache object handled through the store's ``ops`` adapter.
+Bookkeeping over files, like the store it serves (``store.CacheStore``): no model, every cache
+object handled through the store's ``ops`` adapter. One thread of its own at most: a write
+started with ``start_write`` saves a copy of the cache while the caller goes on (a turn that
+arrives meanwhile does not wait for the disk); ``settle`` ends it, and every change of the tier
+settles first, so the index only changes on the caller's thread and in call order.
 
 Rules:
 
@@ -38,8 +41,9 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -80,6 +84,26 @@ def open_disk_dir(disk_dir: Path) -> Path | None:
     return disk_dir
 
 
+@dataclass
+class _Write:
+    """One file being written: to ``tmp``, then put in place as ``path`` by ``DiskTier._commit``."""
+
+    key: str
+    tokens: tuple[int, ...]
+    last_used: float
+    path: Path
+    tmp: Path
+    metadata: dict[str, str]
+    thread: threading.Thread | None = None
+    error: BaseException | None = field(default=None, repr=False)
+
+    def run(self, ops, cache) -> None:
+        try:
+            ops.save(self.tmp, cache, self.metadata)
+        except Exception as e:  # noqa: BLE001 - reported by _commit, on the engine's thread
+            self.error = e
+
+
 class DiskTier:
     """Cache files in ``directory`` (see ``open_disk_dir``), at most ``max_bytes`` of them.
 
@@ -97,8 +121,11 @@ class DiskTier:
         max_bytes: int,
         clock: Callable[[], float],
         on_drop: Callable[[str, str], None],
+        on_written: Callable[[str, bool], None] = lambda key, kept: None,
     ):
+        """``on_written(key, kept)``: a write started with ``start_write`` was settled."""
         self._ops = ops
+        self._on_written = on_written
         self._dir = Path(directory)
         self._fingerprint = fingerprint
         self.max_bytes = max_bytes
@@ -112,6 +139,7 @@ class DiskTier:
         self._foreign: list[tuple[float, Path, int]] = []
         self.nbytes = 0  # file bytes, other models' included
         self._last_error = ""
+        self._writing: _Write | None = None  # start_write's, until settle
         self._scan()
 
     # ---------------------------------------------------------------------------- queries
@@ -143,7 +171,50 @@ class DiskTier:
     def write(self, key: str, tokens: Sequence[int], cache, *, last_used: float) -> bool:
         """Write ``cache`` (holding exactly ``tokens``) as ``key``'s file, atomically, replacing
         the previous one. False (logged) on any failure, or if it is not kept (larger than the
-        budget, or pushed out by it)."""
+        budget, or pushed out by it). A write in the background finishes first."""
+        self.settle()
+        write = _Write(key, tuple(tokens), last_used, *self._target(key, tokens, cache))
+        write.run(self._ops, cache)
+        return self._commit(write)
+
+    def start_write(self, key: str, tokens: Sequence[int], cache, *, last_used: float) -> bool:
+        """Begin ``write`` in a thread of its own, on a copy of ``cache`` taken now (later changes
+        of ``cache`` do not reach the file); ``settle`` ends it. False (nothing started) where
+        the cache cannot be copied so: the caller writes it with ``write``."""
+        self.settle()
+        copy = getattr(self._ops, "snapshot", None)
+        snapshot = copy(cache) if copy is not None else None
+        if snapshot is None:
+            return False
+        write = _Write(key, tuple(tokens), last_used, *self._target(key, tokens, cache))
+        write.thread = threading.Thread(target=write.run, args=(self._ops, snapshot),
+                                        name="mlxkv-disk-write", daemon=True)
+        self._writing = write
+        write.thread.start()
+        return True
+
+    @property
+    def writing(self) -> str | None:
+        """The key whose file a thread is writing (``start_write``), until ``settle``."""
+        return self._writing.key if self._writing is not None else None
+
+    def write_done(self) -> bool:
+        """Whether the write in the background (if any) has finished: ``settle`` will not wait."""
+        return self._writing is None or not self._writing.thread.is_alive()
+
+    def settle(self) -> tuple[str, bool] | None:
+        """Wait for the write in the background, if any, and make its file ``key``'s (as
+        ``write`` does). Returns (its key, whether the file is kept), or None if there was none."""
+        write, self._writing = self._writing, None
+        if write is None:
+            return None
+        write.thread.join()
+        kept = self._commit(write)
+        self._on_written(write.key, kept)
+        return write.key, kept
+
+    def _target(self, key: str, tokens: Sequence[int], cache) -> tuple[Path, Path, dict[str, str]]:
+        """(the file's path, its temporary path, its metadata)."""
         path = self._path_for(key)
         tmp = path.with_name(f"{_TMP_PREFIX}{os.getpid()}-{path.name}")
         metadata = {
@@ -154,21 +225,28 @@ class DiskTier:
             "trimmable": "1" if self._ops.can_trim(cache) else "0",
         }
         metadata["index_checksum"] = _index_checksum(metadata)
+        return path, tmp, metadata
+
+    def _commit(self, write: "_Write") -> bool:
+        """Put a written temporary file in place and in the index (or remove it, on failure)."""
+        path = write.path
         try:
-            self._ops.save(tmp, cache, metadata)
-            os.replace(tmp, path)
+            if write.error is not None:
+                raise write.error
+            os.replace(write.tmp, path)
             size = path.stat().st_size
         except Exception as e:  # OSError mostly; MLX raises RuntimeError for I/O failures
             self._error("write", path, e)
-            self._unlink(tmp)
+            self._unlink(write.tmp)
             return False
         self._last_error = ""
+        key = write.key
         self._pop(key)  # replaced in place by os.replace
         if size > self.max_bytes:  # would push out everything else and still not fit
             self._unlink(path)
             return False
-        self._add(key, DiskEntry(tuple(tokens), path, size, metadata["trimmable"] == "1",
-                                 last_used))
+        self._add(key, DiskEntry(write.tokens, path, size, write.metadata["trimmable"] == "1",
+                                 write.last_used))
         self._enforce_budget()
         return key in self._files
 
@@ -176,6 +254,8 @@ class DiskTier:
         """A fresh cache object holding the first ``n`` tokens of ``key``'s file, which is
         marked used; or None if there is none or it cannot be trusted (logged, removed, reported
         as corrupt)."""
+        if self.writing == key:
+            self.settle()
         dentry = self._order.get(key)
         if dentry is None:
             return None
@@ -205,6 +285,7 @@ class DiskTier:
 
     def remove(self, key: str) -> bool:
         """Delete ``key``'s file. True if there was one."""
+        self.settle()
         dentry = self._pop(key)
         if dentry is None:
             return False
@@ -213,6 +294,7 @@ class DiskTier:
 
     def expire(self, deadline: float) -> list[str]:
         """Delete the files unused since before ``deadline``; returns their keys."""
+        self.settle()
         gone = [key for key, dentry in self._order.items() if dentry.last_used < deadline]
         for key in gone:
             self.remove(key)

@@ -5,7 +5,8 @@ Right after a turn, its conversation's cache gets room for the next turn's token
 ``WARM_SHAPES_DELAY_S`` the next turn's likely shapes are planned
 (``ModelRuntime.warm_shapes``). Once nothing has been queued for ``write_behind_delay_s``,
 caches not yet on disk are written behind, one per look at the queue, so that a client that
-sends its next turn right away never waits for a write. Caches unused for ``cache_ttl_s`` are
+sends its next turn right away never waits for a write; where the cache can be copied, a thread
+writes the copy and a turn arriving meanwhile runs at once (see ``tiers``). Caches unused for ``cache_ttl_s`` are
 forgotten; after ``idle_unload_s`` without a turn (0: never) the weights and the resident
 caches leave memory, and the next turn loads them.
 
@@ -38,6 +39,8 @@ NEXT_TURN_ROOM = 1024
 WARM_SHAPES_DELAY_S = 0.2
 # How often an idle engine looks for caches past their TTL.
 TTL_CHECK_S = 1.0
+# How often the idle engine looks whether a write-behind running in the background is done.
+WRITE_POLL_S = 0.05
 _EMPTY = object()
 
 
@@ -89,6 +92,8 @@ class IdleStages:
                     return item
                 if self._write_behind():
                     continue
+                if self.store.writing:  # a file is being written: put it in place once done
+                    waits.append(WRITE_POLL_S)
                 if self.idle_unload_s > 0 and self.runtime.loaded:
                     if idle >= self.idle_unload_s:
                         self._unload(f"idle for {self.idle_unload_s:.0f} s")

@@ -104,8 +104,27 @@ class MlxCacheOps:
             grown.append(c)
         mx.eval([(c.keys, c.values) for c in grown])
 
+    def snapshot(self, cache: list) -> list | None:
+        """A copy of ``cache``'s used part that ``save`` writes without any MLX work (new layer
+        objects holding evaluated arrays of exactly ``[:offset]``, laid out in order), so that a
+        thread can write it while the engine goes on; None where a layer is not a KVCache or a
+        QuantizedKVCache."""
+        if not all(isinstance(c, (KVCache, QuantizedKVCache)) for c in cache):
+            return None
+        copies = []
+        for c in cache:
+            new = type(c).__new__(type(c))
+            new.__dict__.update(c.__dict__)  # offset, step, group_size, bits, ...
+            if c.keys is not None:
+                new.keys, new.values = tree_map(lambda x, n=c.offset: mx.contiguous(x[..., :n, :]),
+                                                (c.keys, c.values))
+            copies.append(new)
+        mx.eval([c.state for c in copies])
+        return copies
+
     def save(self, path: Path, cache: list, metadata: dict[str, str]) -> None:
-        """Write ``cache`` (its used part) and ``metadata`` plus a checksum to ``path``."""
+        """Write ``cache`` (its used part) and ``metadata`` plus a checksum to ``path``. A
+        ``snapshot`` is written as it is, with no MLX work (from any thread)."""
         if not str(path).endswith(self.file_suffix):
             raise ValueError(f"{path} must end with {self.file_suffix}")
         if any("." in k for k in metadata) or _CHECKSUM in metadata:
@@ -196,7 +215,7 @@ def _rounded(c, n: int) -> int:
 
 def _used_part(c):
     """A view of a layer holding only its ``[:offset]`` tokens (what is worth writing)."""
-    if not isinstance(c, (KVCache, QuantizedKVCache)) or c.keys is None:
+    if not isinstance(c, (KVCache, QuantizedKVCache)) or c.keys is None or _allocated(c) == c.offset:
         return c
     new = type(c).__new__(type(c))
     new.__dict__.update(c.__dict__)
@@ -217,7 +236,8 @@ def _checksum(cache: list, metadata: dict[str, str]) -> str:
             h.update(name.encode())
             if isinstance(leaf, mx.array):
                 h.update(f"{leaf.dtype}{leaf.shape}".encode())
-                h.update(memoryview(mx.contiguous(leaf)).tobytes())
+                view = memoryview(leaf)
+                h.update(view if view.c_contiguous else memoryview(mx.contiguous(leaf)))
             else:
                 h.update(repr(leaf).encode())
     return h.hexdigest()

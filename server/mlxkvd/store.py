@@ -78,6 +78,9 @@ class CacheOps(Protocol):
     def nbytes_with_room(self, cache, tokens: int) -> int: ...  # nbytes once room is made
     def make_room(self, cache, tokens: int) -> None: ...  # allocate room for more tokens
     def save(self, path: Path, cache, metadata: dict[str, str]) -> None: ...
+    # Optional: a copy of the cache that ``save`` can write from another thread while the
+    # cache changes (None: this one cannot be copied so); without it, writes block.
+    # def snapshot(self, cache) -> Any | None: ...
     def load(self, path: Path) -> tuple[Any, dict[str, str]]: ...  # raises CacheFileError
     def read_metadata(self, path: Path) -> dict[str, str]: ...  # raises CacheFileError
 
@@ -280,6 +283,11 @@ class CacheStore:
         """Write one memory entry not on disk yet (write-behind), keeping it resident. False when
         there is nothing to write (or no disk tier)."""
         return self._tiers.persist_next()
+
+    @property
+    def writing(self) -> bool:
+        """Whether a write-behind runs in the background (``persist_next`` ends it once done)."""
+        return self._tiers.writing
 
     def flush(self) -> int:
         """Write every memory entry not on disk yet to the disk tier (at shutdown). Returns how

@@ -13,7 +13,10 @@ Rules:
   resident KV (stored plus in flight) stays within the budget during a turn as well.
 - Write-behind. ``persist_next`` (called by the engine when it is idle, off the path of any turn)
   writes the least recently used memory entry not yet on disk and keeps it resident, so a daemon
-  killed with SIGKILL between turns still finds every conversation's history on disk. A key's
+  killed with SIGKILL between turns still finds every conversation's history on disk. Where the
+  cache can be copied for it (``ops.snapshot``) and the copy fits the memory budget (it is
+  reserved until the write ends), the file is written by a thread while turns go on
+  (``DiskTier.start_write``); a later ``persist_next`` puts it in place. A key's
   disk file is only replaced by a newer one, never removed by ``take`` or ``put``: until it is
   replaced it holds an older, still valid prefix of the conversation.
 - One-shot entries are kept in memory only, at most ``max_anonymous`` of them.
@@ -49,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # lru-dict needs a capacity; ours are bounded by bytes, not by count.
 _UNBOUNDED = 2**31 - 1
+# The reservation of the copy that a write in the background holds (lease ids are positive).
+_WRITE_LEASE = -1
 
 
 @dataclass
@@ -109,11 +114,12 @@ class Tiers:
         self._mem_stats = _TierStats()
         self._disk_stats = _TierStats()
         self._disk: DiskTier | None = None
+        self._writing: MemoryEntry | None = None  # the entry a write in the background copied
         directory = open_disk_dir(disk_dir) if disk_dir and max_disk_bytes > 0 else None
         if directory is not None:
             self._disk = DiskTier(ops, directory, fingerprint=fingerprint,
                                   max_bytes=max_disk_bytes, clock=clock,
-                                  on_drop=self._dropped_from_disk)
+                                  on_drop=self._dropped_from_disk, on_written=self._written_behind)
             for key, dentry in self._disk.items():
                 self._relocate(key)
                 self._oldest_use = min(self._oldest_use, dentry.last_used)
@@ -212,10 +218,12 @@ class Tiers:
     def can_reserve(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more fit the memory budget beside the caches checked out (resident
         entries can always be evicted for them)."""
+        self._settle_if_done()  # a finished write's copy holds no memory any more
         return self._reserved + nbytes <= self._max_bytes
 
     def reserve(self, lease: int, nbytes: int) -> None:
         """The cache out under ``lease`` may grow to ``nbytes``: evict until that fits."""
+        self._settle_if_done()
         self._leases[lease] = nbytes
         self._enforce_memory_budget()
 
@@ -226,13 +234,25 @@ class Tiers:
     # --------------------------------------------------------------------- disk writes
 
     def persist_next(self) -> bool:
-        """Write the least recently used memory entry not on disk yet, keeping it resident.
-        False when there is nothing to write (or no disk tier)."""
-        return self._persist_one() is not None
+        """Write the least recently used memory entry not on disk yet, keeping it resident: in
+        the background where it can (see the module doc), else at once. False when nothing was
+        done: nothing to write (or no disk tier), or a write in the background still runs."""
+        if self.writing:
+            if not self._disk.write_done():
+                return False
+            self._disk.settle()
+            return True
+        return self._persist_one(background=True) is not None
+
+    @property
+    def writing(self) -> bool:
+        """Whether a write runs in the background (``persist_next`` ends it once done)."""
+        return self._disk is not None and self._disk.writing is not None
 
     def flush(self) -> int:
         """Write every memory entry not on disk yet; returns how many were written (failed
         writes are not counted)."""
+        self._settle()
         written = 0
         while (ok := self._persist_one()) is not None:
             written += ok
@@ -251,8 +271,9 @@ class Tiers:
                 moved += 1
         return moved
 
-    def _persist_one(self) -> bool | None:
-        """None if there was nothing to write, else whether the write succeeded."""
+    def _persist_one(self, background: bool = False) -> bool | None:
+        """None if there was nothing to write, else whether the write succeeded (or, in the
+        background, was started)."""
         if self._disk is None:
             return None
         # Least recently used first, so that the disk tier's LRU order (a write makes a file the
@@ -264,9 +285,33 @@ class Tiers:
             # A failed write (disk full, too large for the budget) is not retried on every
             # idle moment; the next put of the key makes it a candidate again.
             entry.write_attempted = True
+            if background and self._mem_bytes + self._reserved + entry.nbytes <= self._max_bytes:
+                if self._disk.start_write(key, entry.tokens, entry.cache, last_used=entry.last_used):
+                    self._writing = entry
+                    self._leases[_WRITE_LEASE] = entry.nbytes
+                    return True
             entry.persisted = self._write(key, entry)
             return entry.persisted
         return None
+
+    def _written_behind(self, key: str, kept: bool) -> None:
+        """The disk tier settled a write started by ``_persist_one``."""
+        entry, self._writing = self._writing, None
+        self._leases.pop(_WRITE_LEASE, None)
+        if entry is not None:
+            entry.persisted = kept  # a resident entry replaced since is not the one written
+            self._oldest_use = min(self._oldest_use, entry.last_used)
+        self._relocate(key)
+
+    def _settle(self) -> None:
+        """End a write in the background, if one runs (waiting for it)."""
+        if self._disk is not None:
+            self._disk.settle()
+
+    def _settle_if_done(self) -> None:
+        """End a write in the background that has finished (never waits)."""
+        if self._disk is not None and self._disk.writing is not None and self._disk.write_done():
+            self._disk.settle()
 
     # ------------------------------------------------------------------------ expiry
 
@@ -394,6 +439,7 @@ class Tiers:
         (no disk tier, a failed write, a one-shot entry)."""
         if self._disk is None or entry.one_shot:
             return False
+        self._settle()  # it may be writing this very entry
         if entry.persisted and key in self._disk:
             return True
         return self._write(key, entry)
