@@ -172,7 +172,10 @@ class Tiers:
         return in_memory or on_disk
 
     def clear(self) -> list[str]:
-        """Drop everything in memory; returns the keys dropped, most recently used first."""
+        """Drop everything in memory; returns the keys dropped, most recently used first. A
+        write in the background ends first (a store reopened on the directory next must not
+        find its file half written)."""
+        self._settle()
         keys = self._mem.keys()
         for key in keys:
             self._pop_memory(key)
