@@ -182,8 +182,7 @@ class DiskTier:
         of ``cache`` do not reach the file); ``settle`` ends it. False (nothing started) where
         the cache cannot be copied so: the caller writes it with ``write``."""
         self.settle()
-        copy = getattr(self._ops, "snapshot", None)
-        snapshot = copy(cache) if copy is not None else None
+        snapshot = self._ops.snapshot(cache)
         if snapshot is None:
             return False
         write = _Write(key, tuple(tokens), last_used, *self._target(key, tokens, cache))
@@ -202,16 +201,14 @@ class DiskTier:
         """Whether the write in the background (if any) has finished: ``settle`` will not wait."""
         return self._writing is None or not self._writing.thread.is_alive()
 
-    def settle(self) -> tuple[str, bool] | None:
-        """Wait for the write in the background, if any, and make its file ``key``'s (as
-        ``write`` does). Returns (its key, whether the file is kept), or None if there was none."""
+    def settle(self) -> None:
+        """Wait for the write in the background, if any, make its file its key's (as ``write``
+        does) and report it through ``on_written``."""
         write, self._writing = self._writing, None
         if write is None:
-            return None
+            return
         write.thread.join()
-        kept = self._commit(write)
-        self._on_written(write.key, kept)
-        return write.key, kept
+        self._on_written(write.key, self._commit(write))
 
     def _target(self, key: str, tokens: Sequence[int], cache) -> tuple[Path, Path, dict[str, str]]:
         """(the file's path, its temporary path, its metadata)."""

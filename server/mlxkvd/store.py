@@ -78,9 +78,9 @@ class CacheOps(Protocol):
     def nbytes_with_room(self, cache, tokens: int) -> int: ...  # nbytes once room is made
     def make_room(self, cache, tokens: int) -> None: ...  # allocate room for more tokens
     def save(self, path: Path, cache, metadata: dict[str, str]) -> None: ...
-    # Optional: a copy of the cache that ``save`` can write from another thread while the
-    # cache changes (None: this one cannot be copied so); without it, writes block.
-    # def snapshot(self, cache) -> Any | None: ...
+    # A copy that ``save`` can write from another thread while the cache goes on changing;
+    # None where there is none (that cache's writes then hold the caller).
+    def snapshot(self, cache) -> Any | None: ...
     def load(self, path: Path) -> tuple[Any, dict[str, str]]: ...  # raises CacheFileError
     def read_metadata(self, path: Path) -> dict[str, str]: ...  # raises CacheFileError
 
@@ -280,8 +280,9 @@ class CacheStore:
         return self._tiers.resident(key)
 
     def persist_next(self) -> bool:
-        """Write one memory entry not on disk yet (write-behind), keeping it resident. False when
-        there is nothing to write (or no disk tier)."""
+        """Write one memory entry not on disk yet (write-behind), keeping it resident, in the
+        background where it can (see ``Tiers.persist_next``). False when nothing was done:
+        nothing to write (or no disk tier), or the write in the background still runs."""
         return self._tiers.persist_next()
 
     @property

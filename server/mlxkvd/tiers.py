@@ -241,10 +241,7 @@ class Tiers:
         the background where it can (see the module doc), else at once. False when nothing was
         done: nothing to write (or no disk tier), or a write in the background still runs."""
         if self.writing:
-            if not self._disk.write_done():
-                return False
-            self._disk.settle()
-            return True
+            return self._settle_if_done()
         return self._persist_one(background=True) is not None
 
     @property
@@ -311,10 +308,12 @@ class Tiers:
         if self._disk is not None:
             self._disk.settle()
 
-    def _settle_if_done(self) -> None:
-        """End a write in the background that has finished (never waits)."""
-        if self._disk is not None and self._disk.writing is not None and self._disk.write_done():
-            self._disk.settle()
+    def _settle_if_done(self) -> bool:
+        """End a write in the background that has finished (never waits). True if it did."""
+        if not self.writing or not self._disk.write_done():
+            return False
+        self._disk.settle()
+        return True
 
     # ------------------------------------------------------------------------ expiry
 
