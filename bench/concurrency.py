@@ -19,9 +19,13 @@ that the load of this shared machine at that moment weighs on all of them alike:
 ``--gpu`` (MLX's CUDA backend): the three systems serve an 8B-shaped 4-bit model with random
 weights and the default model's tokenizer (``--tokenizer``), built there (no weights travel);
 its replies never end early, so every turn generates ``--max-tokens``; mlxkvd's memory budget
-is 32 GiB (mlx_lm.server's prompt cache has none). Each system first runs
-one unmeasured round at the largest level, so that kernels compiled at first sight of a batch
-shape weigh on no measured level.
+is 32 GiB (mlx_lm.server's prompt cache has none). ``--gpu-weights float16`` serves the same
+shape unquantized (16 GB): MLX's CUDA kernel for 4-bit weights costs about 3x as much for 8 rows
+as for one (``bench.batch_step``), dense matrix products about the same. Each system has the GPU
+alone: started, warmed up, measured at every level and stopped before the next one starts (an
+idle server still holding the device slowed another's decode by up to half). Each system first
+runs one unmeasured round at the largest level, so that kernels compiled at first sight of a
+batch shape weigh on no measured level.
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
@@ -201,8 +205,9 @@ def markdown(report: dict) -> str:
     m, a = report["meta"], report["args"]
     lines = [
         "# mlxkv concurrent conversations", "",
-        (f"An 8B-shaped 4-bit model with random weights (the default model's tokenizer) on {m.get('device_name') or 'a GPU'} "
-         "with MLX's CUDA backend, after an unmeasured round at the largest level per system; "
+        (f"An 8B-shaped {'4-bit' if a.get('gpu_weights', '4bit') == '4bit' else 'float16'} model with random "
+         f"weights (the default model's tokenizer) on {m.get('device_name') or 'a GPU'} with MLX's CUDA backend, "
+         "each system alone on the GPU after an unmeasured round at the largest level; "
          if a.get("gpu") else
          f"SmolLM2-135M-Instruct (float32) on the CPU; OpenBLAS preloaded: {m['blas_preloaded']} "
          f"({a['blas_threads']} thread(s) per process); ")
@@ -262,9 +267,10 @@ def gpu_model(args) -> tuple[Path, Path]:
 
     if not mx.cuda.is_available():
         raise SystemExit("--gpu: no CUDA device")
-    path, seconds = models.timed_build(Path(tempfile.gettempdir()) / "mlxkv-random-8b-4bit", models.LLAMA_8B,
-                                       args.tokenizer or models.default_tokenizer_dir(), dtype="float16", bits=4,
-                                       group_size=64)
+    bits = 4 if args.gpu_weights == "4bit" else None
+    path, seconds = models.timed_build(Path(tempfile.gettempdir()) / f"mlxkv-random-8b-{args.gpu_weights}",
+                                       models.LLAMA_8B, args.tokenizer or models.default_tokenizer_dir(),
+                                       dtype="float16", bits=bits, group_size=64)
     print(f"model {path} ready in {seconds:.1f} s", file=sys.stderr, flush=True)
     return path, path
 
@@ -282,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="levels 1,2,4, 2 turns of 12 tokens (a smoke test)")
     parser.add_argument("--gpu", action="store_true", help="an 8B-shaped random 4-bit model on MLX's CUDA backend")
     parser.add_argument("--tokenizer", type=Path, help="--gpu: a dir with the default model's tokenizer files")
+    parser.add_argument("--gpu-weights", choices=("4bit", "float16"), default="4bit",
+                        help="--gpu: the random model's weights, quantized to 4 bits or not")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     args = parser.parse_args(argv)
     if args.quick:
@@ -334,23 +342,35 @@ def main(argv: list[str] | None = None) -> int:
             return server_chat(server, chat, args.max_tokens)
         return mlxkvd_chat(server.socket_path, chat, args.max_tokens)
 
-    # Every server up at once (an idle one costs nothing), warmed up, then each level runs on
-    # one system after another.
     warm = {"system": "You are terse.", "users": ["Say hi.", "Again."]}
     total = sum(levels) * args.turns * len(systems)
     results: dict[str, dict[int, dict]] = {s: {} for s in systems}
+
+    def start(system: str) -> None:
+        servers[system].start()
+        make(system, warm)()  # not measured
+        if args.gpu:  # every batch shape once, not measured
+            run_level([make(system, c) for c in workload(max(levels), count, args, seed=SEED - 1)],
+                      None, f"{LABELS[system]} (warm-up)")
+
+    def measure(system: str, level: int, bar) -> None:
+        results[system][level] = run_level([make(system, c) for c in chats[level]], bar, LABELS[system])
+        common.write_json(out / "concurrency.partial.json", results)
+
     try:
-        for system in systems:
-            servers[system].start()
-            make(system, warm)()  # not measured
-            if args.gpu:  # every batch shape once, not measured
-                run_level([make(system, c) for c in workload(max(levels), count, args, seed=SEED - 1)],
-                          None, f"{LABELS[system]} (warm-up)")
         with common.progress(total, "concurrency") as bar:
-            for level in levels:
+            if args.gpu:  # one system at a time holds the GPU
                 for system in systems:
-                    results[system][level] = run_level([make(system, c) for c in chats[level]], bar, LABELS[system])
-                    common.write_json(out / "concurrency.partial.json", results)
+                    start(system)
+                    for level in levels:
+                        measure(system, level, bar)
+                    servers[system].stop()
+            else:  # every server up at once (an idle one costs nothing), taking turns at each level
+                for system in systems:
+                    start(system)
+                for level in levels:
+                    for system in systems:
+                        measure(system, level, bar)
     finally:
         for server in servers.values():
             server.stop()
