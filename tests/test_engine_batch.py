@@ -208,6 +208,20 @@ def test_simultaneous_turns_are_batched_and_check_their_caches_in(harness, runti
         assert ids == mlx_lm_greedy(runtime, prompt, MAX_TOKENS)
 
 
+def test_at_debug_level_a_batch_step_that_prefilled_says_where_its_time_went(harness, caplog):
+    h = harness(max_batch=ROWS)
+    with caplog.at_level(logging.DEBUG, logger="mlxkvd.engine"):
+        turns = h.submit_together([(f"dbg{i}", q, 0) for i, q in enumerate(QUESTIONS)])
+        cached = [outcome(turn)[0].cached_tokens for turn in turns]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("batch step")]
+    assert lines, "no batch step line"
+    prefilled = sum(int(line.split("ms, ")[1].split(" prompt tokens")[0]) for line in lines)
+    # The rows that joined the first one (prefilled alone before it handed itself over) went
+    # through the batch's prefill: their prompts less the cached part and the last token, which
+    # their first decode step feeds.
+    assert prefilled == sum(len(t.prompt.ids) - c - 1 for t, c in zip(turns[1:], cached[1:]))
+
+
 def test_max_batch_one_runs_turns_one_at_a_time(harness, runtime, caplog):
     h = harness(max_batch=1)
     with caplog.at_level(logging.INFO, logger="mlxkvd.engine"):

@@ -183,7 +183,22 @@ class Batch:
 
     def step(self) -> list[Step]:
         """One decode step of the generating rows, then one prefill chunk of the others."""
+        if log.isEnabledFor(logging.DEBUG):
+            return self._logged_step()
         _, responses = self._gen.next()
+        return self._steps(responses)
+
+    def _logged_step(self) -> list[Step]:
+        """``step``, and a DEBUG line for a step that prefilled: where its time went."""
+        with self._gen.stats() as stats:
+            _, responses = self._gen.next()
+        if stats.prompt_tokens:
+            log.debug("batch step (%d rows decoding): decode %.1f ms, %d prompt tokens prefilled in %.1f ms, %.1f ms in all",
+                      len(self._gen._generation_batch), stats.decode_time * 1e3, stats.prompt_tokens,
+                      stats.prompt_time * 1e3, stats.wall_time * 1e3)
+        return self._steps(responses)
+
+    def _steps(self, responses) -> list[Step]:
         steps = []
         for r in responses:
             run = self._rows[r.uid]
