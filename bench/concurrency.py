@@ -22,10 +22,10 @@ its replies never end early, so every turn generates ``--max-tokens``; mlxkvd's 
 is 32 GiB (mlx_lm.server's prompt cache has none). ``--gpu-weights float16`` serves the same
 shape unquantized (16 GB): MLX's CUDA kernel for 4-bit weights costs about 3x as much for 8 rows
 as for one (``bench.batch_step``), dense matrix products about the same. Each system has the GPU
-alone: started, warmed up, measured at every level and stopped before the next one starts (an
-idle server still holding the device slowed another's decode by up to half). Each system first
-runs one unmeasured round at the largest level, so that kernels compiled at first sight of a
-batch shape weigh on no measured level.
+alone: started, warmed up, measured at every level and stopped before the next one starts (no
+other process holds device memory or runs work meanwhile). Each system first runs one
+unmeasured round at the largest level, so that kernels compiled at first sight of a batch shape
+weigh on no measured level.
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
