@@ -20,12 +20,12 @@ that the load of this shared machine at that moment weighs on all of them alike:
 weights and the default model's tokenizer (``--tokenizer``), built there (no weights travel);
 its replies never end early, so every turn generates ``--max-tokens``; mlxkvd's memory budget
 is 32 GiB (mlx_lm.server's prompt cache has none). ``--gpu-weights float16`` serves the same
-shape unquantized (16 GB): MLX's CUDA kernel for 4-bit weights costs about 3x as much for 8 rows
-as for one (``bench.batch_step``), dense matrix products about the same. Each system has the GPU
-alone: started, warmed up, measured at every level and stopped before the next one starts (no
-other process holds device memory or runs work meanwhile). Each system first runs one
-unmeasured round at the largest level, so that kernels compiled at first sight of a batch shape
-weigh on no measured level.
+shape unquantized (16 GB), whose matrix products do not go through MLX's CUDA kernel for 4-bit
+weights (one projection costs 4.0x as much for 8 rows as for one: ``bench.batch_step``).
+Each system has the GPU alone: started, warmed up, measured at every level and stopped before
+the next one starts (no other process holds device memory or runs work meanwhile). Each system
+first runs one unmeasured round at the largest level, so that kernels compiled at first sight
+of a batch shape weigh on no measured level.
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--blas-threads", type=int, default=1,
                         help="OpenBLAS threads of every process (this one and the servers)")
     parser.add_argument("--quick", action="store_true", help="levels 1,2,4, 2 turns of 12 tokens (a smoke test)")
-    parser.add_argument("--gpu", action="store_true", help="an 8B-shaped random 4-bit model on MLX's CUDA backend")
+    parser.add_argument("--gpu", action="store_true", help="an 8B-shaped random model on MLX's CUDA backend (4-bit: --gpu-weights)")
     parser.add_argument("--tokenizer", type=Path, help="--gpu: a dir with the default model's tokenizer files")
     parser.add_argument("--gpu-weights", choices=("4bit", "float16"), default="4bit",
                         help="--gpu: the random model's weights, quantized to 4 bits or not")
