@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", type=Path, help="--gpu: a dir with the default model's tokenizer files")
     parser.add_argument("--gpu-weights", choices=("4bit", "float16"), default="4bit",
                         help="--gpu: the random model's weights, quantized to 4 bits or not")
+    parser.add_argument("--daemon-log-level", default="INFO", help="the mlxkvd daemons' --log-level (DEBUG: "
+                        "each batch step that prefilled, each sampling pass; logs under OUT/concurrency-work)")
     parser.add_argument("--out", type=Path, default=common.RESULTS_DIR, help="output directory")
     args = parser.parse_args(argv)
     if args.quick:
@@ -318,14 +320,15 @@ def main(argv: list[str] | None = None) -> int:
     sock = common.short_socket_dir()
     # On the GPU the 8B model's caches outgrow the default 2 GiB budget at 8 conversations;
     # mlx_lm.server keeps its prompt caches without a byte budget.
-    budget = ["--max-cache-bytes", "32GiB"] if args.gpu else []
+    extra = ["--max-cache-bytes", "32GiB"] if args.gpu else []  # the daemons' own options
+    extra += ["--log-level", args.daemon_log_level]
     servers: dict[str, Any] = {
         "mlxkvd": common.DaemonProcess(sock / "batched.sock", workdir / "batched", workdir / "mlxkvd.log",
                                        model=default_dir if args.gpu else None,
-                                       extra_args=["--max-disk-bytes", "0", *budget]),
+                                       extra_args=["--max-disk-bytes", "0", *extra]),
         "mlxkvd_serial": common.DaemonProcess(sock / "serial.sock", workdir / "serial", workdir / "mlxkvd_serial.log",
                                               model=default_dir if args.gpu else None,
-                                              extra_args=["--max-disk-bytes", "0", "--max-batch", "1", *budget]),
+                                              extra_args=["--max-disk-bytes", "0", "--max-batch", "1", *extra]),
         "mlx_lm_server": common.MlxLmServer(f32_dir, workdir / "mlx_lm_server.log"),
     }
     report: dict[str, Any] = {
