@@ -318,17 +318,17 @@ def main(argv: list[str] | None = None) -> int:
     chats = {level: workload(level, count, args) for level in levels}
 
     sock = common.short_socket_dir()
-    # On the GPU the 8B model's caches outgrow the default 2 GiB budget at 8 conversations;
-    # mlx_lm.server keeps its prompt caches without a byte budget.
-    extra = ["--max-cache-bytes", "32GiB"] if args.gpu else []  # the daemons' own options
-    extra += ["--log-level", args.daemon_log_level]
+    # Both daemons' options. On the GPU the 8B model's caches outgrow the default 2 GiB budget
+    # at 8 conversations; mlx_lm.server keeps its prompt caches without a byte budget.
+    daemon_args = ["--max-disk-bytes", "0", "--log-level", args.daemon_log_level,
+                   *(["--max-cache-bytes", "32GiB"] if args.gpu else [])]
     servers: dict[str, Any] = {
         "mlxkvd": common.DaemonProcess(sock / "batched.sock", workdir / "batched", workdir / "mlxkvd.log",
                                        model=default_dir if args.gpu else None,
-                                       extra_args=["--max-disk-bytes", "0", *extra]),
+                                       extra_args=daemon_args),
         "mlxkvd_serial": common.DaemonProcess(sock / "serial.sock", workdir / "serial", workdir / "mlxkvd_serial.log",
                                               model=default_dir if args.gpu else None,
-                                              extra_args=["--max-disk-bytes", "0", "--max-batch", "1", *extra]),
+                                              extra_args=[*daemon_args, "--max-batch", "1"]),
         "mlx_lm_server": common.MlxLmServer(f32_dir, workdir / "mlx_lm_server.log"),
     }
     report: dict[str, Any] = {
