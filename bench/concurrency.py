@@ -24,8 +24,11 @@ shape unquantized (16 GB), whose matrix products do not go through MLX's CUDA ke
 weights (one projection costs 4.0x as much for 8 rows as for one: ``bench.batch_step``).
 Each system has the GPU alone: started, warmed up, measured at every level and stopped before
 the next one starts (no other process holds device memory or runs work meanwhile). Each system
-first runs one unmeasured round at the largest level, so that kernels compiled at first sight
-of a batch shape weigh on no measured level.
+first runs one unmeasured round at every level, so that kernels compiled at first sight of a
+shape weigh on no measured level: a lone turn and a batch run different kernels, and a batch
+of 2 rows others than one of 8 (a daemon warmed only by a round of 8 compiled its lone-turn
+kernels for a 200-token prompt during the measured level 1, taking a lone turn from 170 to
+31-110 tokens/s: single steps of 100-640 ms of host CPU time inside ``mx.async_eval``).
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
@@ -207,7 +210,7 @@ def markdown(report: dict) -> str:
         "# mlxkv concurrent conversations", "",
         (f"An 8B-shaped {'4-bit' if a.get('gpu_weights', '4bit') == '4bit' else 'float16'} model with random "
          f"weights (the default model's tokenizer) on {m.get('device_name') or 'a GPU'} with MLX's CUDA backend, "
-         "each system alone on the GPU after an unmeasured round at the largest level; "
+         "each system alone on the GPU after an unmeasured round at every level; "
          if a.get("gpu") else
          f"SmolLM2-135M-Instruct (float32) on the CPU; OpenBLAS preloaded: {m['blas_preloaded']} "
          f"({a['blas_threads']} thread(s) per process); ")
@@ -352,9 +355,10 @@ def main(argv: list[str] | None = None) -> int:
     def start(system: str) -> None:
         servers[system].start()
         make(system, warm)()  # not measured
-        if args.gpu:  # every batch shape once, not measured
-            run_level([make(system, c) for c in workload(max(levels), count, args, seed=SEED - 1)],
-                      None, f"{LABELS[system]} (warm-up)")
+        if args.gpu:  # every shape once (a lone turn's, each batch size's), not measured
+            for level in levels:
+                run_level([make(system, c) for c in workload(level, count, args, seed=SEED - 1)],
+                          None, f"{LABELS[system]} (warm-up, {level})")
 
     def measure(system: str, level: int, bar) -> None:
         results[system][level] = run_level([make(system, c) for c in chats[level]], bar, LABELS[system])
