@@ -28,7 +28,7 @@ first runs one unmeasured round at every level, so that kernels compiled at firs
 shape weigh on no measured level: a lone turn and a batch run different kernels, and a batch
 of 2 rows others than one of 8 (a daemon warmed only by a round of 8 compiled its lone-turn
 kernels for a 200-token prompt during the measured level 1, taking a lone turn from 170 to
-31-110 tokens/s: single steps of 100-640 ms of host CPU time inside ``mx.async_eval``).
+31-139 tokens/s: single steps of 90-640 ms of host CPU time inside ``mx.async_eval``).
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
