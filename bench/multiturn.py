@@ -75,8 +75,8 @@ class Sizes:
 FULL = Sizes(ide_system=1500, ide_turns=10, user_min=100, user_max=300, max_tokens=64,
              many_chats=12, many_turns=3, many_system=400, many_max_tokens=32,
              shared_convs=8, shared_max_tokens=32)
-QUICK = Sizes(ide_system=600, ide_turns=3, user_min=60, user_max=120, max_tokens=16,
-              many_chats=5, many_turns=2, many_system=120, many_max_tokens=8,
+QUICK = Sizes(ide_system=300, ide_turns=3, user_min=40, user_max=80, max_tokens=8,
+              many_chats=4, many_turns=2, many_system=80, many_max_tokens=8,
               shared_convs=2, shared_max_tokens=8)
 DEFAULT_CACHE_BYTES = 2 * 1024**3  # mlxkvd's default --max-cache-bytes, given to both servers
 HELD_CONVERSATIONS = 3  # the many_chats budget holds this many conversations
