@@ -438,12 +438,10 @@ def test_a_turn_handed_over_in_its_prefill_decodes_right_after_its_last_chunk(ha
     assert got_token[0] == chunks, [sorted(keys) for keys, _ in steps[: chunks + 2]]
 
 
-def test_on_the_cpu_a_streaming_row_waits_one_newcomers_chunk_per_token(harness, runtime, monkeypatch):
-    """Two newcomers arrive while a turn streams: on the CPU, where a forward pass costs what
-    its tokens cost, each batch step prefills one chunk of one newcomer at most, so the
+def test_a_streaming_row_waits_one_newcomers_chunk_per_token(harness, runtime, monkeypatch):
+    """Two newcomers arrive while a turn streams: a forward pass over many tokens costs what
+    its tokens cost, so each batch step prefills one chunk of one newcomer at most, and the
     streaming row's tokens are never further apart than one chunk."""
-    if runtime.backend != "cpu":
-        pytest.skip("GPU backends prefill several newcomers in one pass (mlx-lm's default)")
     h = harness(max_batch=ROWS)
     steps = record_steps(monkeypatch)
     streaming, *newcomers = h.submit_together([("a", "Count from 1 to 100.", 0, 60),

@@ -2,9 +2,10 @@
 
 Each decode step advances every row by one token in one forward pass; a row whose prompt is
 still being prefilled advances by one prefill chunk per step, after the decode, so that rows
-already streaming wait at most one chunk between two tokens (on the CPU newcomers prefill
-together only while their chunks add up to one chunk: a pass there costs what its tokens cost,
-and several newcomers' full chunks in one step would multiply the gap). A row enters with the
+already streaming wait at most one chunk between two tokens: newcomers prefill together only
+while their chunks add up to one chunk (a pass over many tokens costs what its tokens cost, on
+the CPU and on a GPU alike, so several newcomers' full chunks in one step would multiply the
+gap; the short prompts of cached conversations still share a pass). A row enters with the
 cache the store leased it (any tier) and the tokens that cache does not hold yet; it leaves on
 end of turn or at its token limit (``step`` hands its cache back), or when the engine takes it
 out (a stop string, a cancel: ``remove``). The cache that leaves is an ordinary
@@ -71,15 +72,14 @@ class _Generator(BatchGenerator):
     ``_generation_batch``).
     """
 
-    # On the CPU (set by Batch): newcomers join the prompt batch together only while one
-    # step's prefill pass (rows x the longest row's chunk, as the rows are padded to it) stays
-    # within this many tokens; None: mlx-lm's fixed prefill_batch_size.
-    prefill_budget: int | None = None
+    # Newcomers join the prompt batch together only while one step's prefill pass (rows x
+    # the longest row's chunk, as the rows are padded to it) stays within this many tokens:
+    # one chunk (set by Batch).
+    prefill_budget: int
 
     def _next(self):
         self._start_decoding()
-        if self.prefill_budget is not None:
-            self.prefill_batch_size = self._prefill_rows()
+        self.prefill_batch_size = self._prefill_rows()
         return super()._next()
 
     def _prefill_rows(self) -> int:
@@ -120,17 +120,13 @@ class Batch:
     """The rows decoding together (engine thread only), and the memory their padding takes."""
 
     def __init__(self, runtime: ModelRuntime, store: CacheStore, max_rows: int):
-        # On a GPU mlx-lm's default: several newcomers' chunks in one pass cost little more
-        # than one. On the CPU a pass costs what its tokens cost: newcomers prefill together
-        # only while their chunks add up to one chunk (short prompts of cached conversations).
         self._gen = _Generator(
             runtime.model,
             stop_tokens=[[t] for t in sorted(runtime.eos_token_ids)],
             completion_batch_size=max_rows,
             prefill_step_size=runtime.prefill_step,
         )
-        if runtime.backend == "cpu":
-            self._gen.prefill_budget = runtime.prefill_step
+        self._gen.prefill_budget = runtime.prefill_step
         self._runtime = runtime
         self._store = store
         self._rows: dict[int, RunningTurn] = {}
@@ -143,10 +139,9 @@ class Batch:
         # caches are plain KVCache layers (can_batch) whose allocations are not whole steps.
         self._step_bytes = runtime.kv_nbytes(KVCache.step)
         # Tokens a row's batch cache may hold beyond the longest row (see _padding_for).
-        # Newcomers prefilling together are padded to the longest: on the CPU at most half a
-        # chunk each (two rows of up to half a chunk; more rows, shorter ones).
-        together = runtime.prefill_step // 2 if self._gen.prefill_budget else runtime.prefill_step
-        self._slack = KVCache.step + together
+        # Newcomers prefilling together are padded to the longest: at most half a chunk each
+        # (two rows of up to half a chunk; more rows, shorter ones).
+        self._slack = KVCache.step + runtime.prefill_step // 2
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -233,9 +228,9 @@ class Batch:
         row, the shorter ones left-padded (a row leaving trims the padding no row needs), and
         allocates up to one 256-token step past that width (not whole steps: merged and
         extended caches start at their exact width): each row takes at most the longest
-        row's tokens plus one step. On a GPU, where several newcomers prefill together, the
-        prompt batch also right-pads a short last chunk to the step's longest chunk: one
-        chunk more. Conservative: the longest row counts at its final length from the start.
+        row's tokens plus one step. Newcomers prefilling together right-pad a short last chunk
+        to the step's longest chunk: at most half a chunk more (two or more rows share one
+        chunk's tokens). Conservative: the longest row counts at its final length from the start.
         Not counted: copies that live for one step (a row leaving its prefill copies the
         prompt batch's cache; a row's cache handed back is copied out of the batch's)."""
         if not lengths:
