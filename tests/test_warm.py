@@ -89,7 +89,7 @@ def test_a_turn_arriving_during_a_long_warm_up_starts_within_one_chunk(shared_da
     then resumes and completes (not superseded: the turn was another conversation's)."""
     chat = client.conversation(system=SYSTEM, max_tokens=4)
     chat.send("Hi.")
-    draft = "Summarise this list: " + long_text(3000)
+    draft = "Summarise this list: " + long_text(2000)
     outcome: dict = {}
 
     def warm() -> None:
