@@ -72,10 +72,12 @@ class _Generator(BatchGenerator):
     ``_generation_batch``).
     """
 
-    # Newcomers join the prompt batch together only while one step's prefill pass (rows x
-    # the longest row's chunk, as the rows are padded to it) stays within this many tokens:
-    # one chunk (set by Batch).
-    prefill_budget: int
+    def __init__(self, model, *, prefill_budget: int, **kwargs):
+        super().__init__(model, **kwargs)
+        # Newcomers join the prompt batch together only while one step's prefill pass (rows
+        # x the longest row's chunk, as the rows are padded to it) stays within this many
+        # tokens.
+        self.prefill_budget = prefill_budget
 
     def _next(self):
         self._start_decoding()
@@ -125,8 +127,8 @@ class Batch:
             stop_tokens=[[t] for t in sorted(runtime.eos_token_ids)],
             completion_batch_size=max_rows,
             prefill_step_size=runtime.prefill_step,
+            prefill_budget=runtime.prefill_step,  # one chunk
         )
-        self._gen.prefill_budget = runtime.prefill_step
         self._runtime = runtime
         self._store = store
         self._rows: dict[int, RunningTurn] = {}
