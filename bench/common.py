@@ -365,6 +365,7 @@ class MlxLmServer(ServerProcess):
             raise RuntimeError(f"mlx_lm.server answered {response.status}: {response.read()[:500]!r}")
         first = last = None
         chunks = 0
+        gap = 0.0
         text = ""
         usage: dict[str, Any] = {}
         finish = None
@@ -386,13 +387,14 @@ class MlxLmServer(ServerProcess):
                 if content:
                     now = time.perf_counter()
                     first = first or now
+                    gap = max(gap, now - (last or now))
                     last = now
                     chunks += 1
                     text += content
                 finish = choice.get("finish_reason") or finish
         end = time.perf_counter()
         conn.close()
-        return HttpTurn(text, started, first or end, last or end, end, chunks, usage, finish)
+        return HttpTurn(text, started, first or end, last or end, end, chunks, usage, finish, gap)
 
 
 def stream_turn(conv, content: str, max_tokens: int) -> tuple[float, float]:
@@ -418,6 +420,7 @@ class HttpTurn:
     chunks: int
     usage: dict[str, Any]
     finish_reason: str | None
+    max_gap: float = 0.0  # the longest time between two deltas
 
 
 # --- memory -----------------------------------------------------------------------------------

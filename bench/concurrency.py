@@ -32,7 +32,8 @@ kernels for a 200-token prompt during the measured level 1, taking a lone turn f
 
 Per level and system: aggregate generated tokens/s (every reply token of the level over the
 wall time from the release to the last reply's end), time to first token p50/p95 (client
-side), per-stream decode tokens/s (median; from a reply's first delta to its end), turn time.
+side), per-stream decode tokens/s (median; from a reply's first delta to its end), turn time,
+the longest gap between two deltas of any reply (a streaming turn waiting for others' prefill).
 Greedy agreement: mlxkvd batched against mlxkvd serial, token ids, turn by turn while the two
 histories are the same (a turn that differs changes the next prompts); mlx_lm.server against
 mlxkvd serial by text, the same way. Writes ``concurrency.json`` and ``concurrency.md`` under
@@ -92,15 +93,19 @@ def mlxkvd_chat(socket_path: Path, chat: dict, max_tokens: int) -> Callable[[], 
             conv = client.conversation(system=chat["system"], max_tokens=max_tokens)
             for user in chat["users"]:
                 started = time.perf_counter()
+                last, gap = None, 0.0
                 for _ in conv.stream(user):
-                    pass
+                    now = time.perf_counter()
+                    gap = max(gap, now - (last or now))
+                    last = now
                 end = time.perf_counter()
                 t = conv.last_turn
                 first = started + (t.first_token_latency_s if t.first_token_latency_s is not None else end - started)
                 records.append({"started": started, "first": first, "end": end, "text": t.text,
                                 "token_ids": list(t.token_ids), "completion_tokens": t.completion_tokens,
                                 "prompt_tokens": t.prompt_tokens, "cached_tokens": t.cached_tokens,
-                                "queue_s": t.done.timings.queue_s, "finish_reason": t.finish_reason})
+                                "queue_s": t.done.timings.queue_s, "finish_reason": t.finish_reason,
+                                "max_gap_s": gap})
             client.delete_conversation(conv.conversation_id)
         return records
     return run
@@ -119,7 +124,7 @@ def server_chat(server: common.MlxLmServer, chat: dict, max_tokens: int) -> Call
                             "completion_tokens": usage.get("completion_tokens") or r.chunks,
                             "prompt_tokens": usage.get("prompt_tokens"),
                             "cached_tokens": (usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-                            "finish_reason": r.finish_reason})
+                            "finish_reason": r.finish_reason, "max_gap_s": r.max_gap})
         return records
     return run
 
@@ -158,6 +163,7 @@ def run_level(runs: list[Callable[[], list[dict]]], bar, label: str) -> dict:
         "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
         "decode_tokens_per_s_median": common.median(decode),
         "turn_s_median": common.median([r["end"] - r["started"] for r in turns]),
+        "gap_max_s": max((r["max_gap_s"] for r in turns), default=None),
         "queue_s_max": max((r.get("queue_s") or 0.0 for r in turns), default=None),
     }
     if bar is not None:
@@ -222,7 +228,8 @@ def markdown(report: dict) -> str:
         f"turn as soon as the reply ends. Wall time {report['wall_s']:.0f} s.", "",
         "**aggregate tok/s**: every generated token of the level / wall time from the release to the last reply. "
         "**TTFT**: client side, every turn of the level (p95 nearest rank). **stream decode**: one reply's "
-        "(tokens - 1) / (last delta - first delta), median. **vs serial**: aggregate tok/s over mlxkvd serial's.", "",
+        "(tokens - 1) / (last delta - first delta), median. **longest gap**: the longest time between two "
+        "deltas of any reply of the level. **vs serial**: aggregate tok/s over mlxkvd serial's.", "",
     ]
     rows = []
     for level in report["levels"]:
@@ -231,11 +238,11 @@ def markdown(report: dict) -> str:
             s = level["systems"][system]["summary"]
             rows.append([level["conversations"], LABELS[system], s["turns"], s["failed"], s["generated_tokens"],
                          s["wall_s"], s["aggregate_tokens_per_s"], s["ttft_p50_s"], s["ttft_p95_s"],
-                         s["decode_tokens_per_s_median"], s["turn_s_median"],
+                         s["decode_tokens_per_s_median"], s["turn_s_median"], s.get("gap_max_s"),
                          common.ratio(s["aggregate_tokens_per_s"], serial.get("aggregate_tokens_per_s"))])
     lines.append(common.markdown_table(
         ["conversations", "system", "turns", "failed", "tokens", "wall s", "aggregate tok/s", "TTFT p50 s",
-         "TTFT p95 s", "stream decode tok/s", "turn s (median)", "vs serial"], rows))
+         "TTFT p95 s", "stream decode tok/s", "turn s (median)", "longest gap s", "vs serial"], rows))
     lines += ["", "## Greedy agreement", "",
               "Turn by turn while both histories are the same (after a turn that differs, the next prompts "
               "differ). mlxkvd batched against serial compares token ids; mlx_lm.server against mlxkvd serial "
