@@ -72,28 +72,22 @@ class _Generator(BatchGenerator):
     ``_generation_batch``).
     """
 
-    def __init__(self, model, *, prefill_budget: int, **kwargs):
-        super().__init__(model, **kwargs)
-        # Newcomers join the prompt batch together only while one step's prefill pass (rows
-        # x the longest row's chunk, as the rows are padded to it) stays within this many
-        # tokens.
-        self.prefill_budget = prefill_budget
-
     def _next(self):
         self._start_decoding()
         self.prefill_batch_size = self._prefill_rows()
         return super()._next()
 
     def _prefill_rows(self) -> int:
-        """How many rows the prompt batch may hold this step under ``prefill_budget``: those
-        it holds, then newcomers in order while they fit; at least one."""
+        """How many rows the prompt batch may hold this step: those it holds, then newcomers
+        in order while the step's prefill pass (rows x the longest row's chunk, as the rows are
+        padded to it) stays within one chunk; at least one."""
         def chunk(segments: list[list[int]]) -> int:  # what the row feeds this step
             return min(sum(map(len, segments)), self.prefill_step_size)
 
         lengths = [chunk(seq[0]) for seq in self._currently_processing]
         for seq in self._unprocessed_sequences:
             more = lengths + [chunk(seq[1])]
-            if len(more) * max(more) > self.prefill_budget:
+            if len(more) * max(more) > self.prefill_step_size:
                 break
             lengths = more
         return max(1, len(lengths))
@@ -127,7 +121,6 @@ class Batch:
             stop_tokens=[[t] for t in sorted(runtime.eos_token_ids)],
             completion_batch_size=max_rows,
             prefill_step_size=runtime.prefill_step,
-            prefill_budget=runtime.prefill_step,  # one chunk
         )
         self._runtime = runtime
         self._store = store
